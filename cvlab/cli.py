@@ -1,0 +1,185 @@
+"""The `cvlab` command. Each command forwards its `key=value` arguments, unchanged, to a Hydra entry point
+(so `-m`, `--cfg job` and `hydra.run.dir=` work), after checking them against the shipped configs so that a
+mistake costs one line and exit code 2 instead of a traceback.
+
+Heavy imports (torch, Lightning) happen inside the commands: `cvlab --help` stays fast.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="cvlab",
+    help="Computer-vision experiment runner: every method of the curriculum as a Hydra option.\n\n"
+    "Examples: cvlab train | cvlab train model=resnet50 norm=gn activation=mish | "
+    "cvlab sweep optimizer=sgd,adam norm=bn,gn | cvlab list model",
+    add_completion=False,
+    no_args_is_help=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["--help"]}
+# Hydra flags that take a value, so the value is not mistaken for an override.
+HYDRA_VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    flags, overrides, expect_value = [], [], False
+    for arg in args:
+        if expect_value:
+            flags.append(arg)
+            expect_value = False
+        elif arg.startswith("-") and "=" not in arg:
+            flags.append(arg)
+            expect_value = arg in HYDRA_VALUED_FLAGS
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def _choice(overrides: list[str], group: str) -> str | None:
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == group:
+            return value
+    return None
+
+
+def complete_task(overrides: list[str]) -> list[str]:
+    """`model=yolov3` alone selects the detection task and its default data; explicit task=/data= win."""
+    from cvlab.utils import config
+
+    model = _choice(overrides, "model")
+    if model is None or "," in model or model not in config.options("model"):
+        return overrides
+    extra = []
+    task = _choice(overrides, "task")
+    if task is None:
+        task = config.read_option("model", model).get("task", "classification")
+        if task != "classification":
+            extra.append(f"task={task}")
+    if _choice(overrides, "data") is None and task in config.options("task") and task != "classification":
+        extra.append(f"data={config.read_option('task', task)['default_data']}")
+    return extra + overrides
+
+
+def _check(config_name: str, overrides: list[str]):
+    from cvlab.utils.config import check_overrides
+    from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+
+    try:
+        return check_overrides(config_name, overrides)
+    except UserError as error:
+        fail(str(error))
+
+
+def launch(command: str, config_name: str, entry: str, args: list[str], multirun: bool = False) -> None:
+    """Checks the overrides, then hands the whole argument list to the Hydra entry ``cvlab.run.<entry>.main``."""
+    import importlib
+
+    flags, overrides = _split(args)
+    if config_name == "train":
+        overrides = complete_task(overrides)
+    _check(config_name, overrides)
+    if multirun and not {"-m", "--multirun"} & set(flags):
+        flags.insert(0, "--multirun")
+    module = importlib.import_module(f"cvlab.run.{entry}")
+    sys.argv = [f"cvlab {command}", *flags, *overrides]
+    module.main()
+
+
+@app.command(context_settings=PASS_THROUGH)
+def train(ctx: typer.Context) -> None:
+    """Train a model: cvlab train [group=option ...] [key=value ...]
+
+    Examples: cvlab train | cvlab train model=resnet50 data=shapes trainer.max_epochs=5 |
+    cvlab train resume=runs/.../weights/last.ckpt trainer.max_epochs=20 | cvlab train --cfg job
+    """
+    launch("train", "train", "train", ctx.args)
+
+
+@app.command(name="eval", context_settings=PASS_THROUGH)
+def evaluate(ctx: typer.Context) -> None:
+    """Evaluate a checkpoint: cvlab eval ckpt=runs/.../weights/best.ckpt [data=...]; writes eval.json."""
+    args = ctx.args
+    _, overrides = _split(args)
+    ckpt = _choice(overrides, "ckpt")
+    if ckpt is None:
+        from cvlab.utils.console import fail
+
+        fail("eval needs a checkpoint: cvlab eval ckpt=runs/<task>/<model>/<time>/weights/best.ckpt")
+    from pathlib import Path
+
+    if not Path(ckpt).expanduser().is_file():
+        from cvlab.utils.console import fail
+
+        fail(f"checkpoint {ckpt!r} does not exist; runs keep theirs in runs/<task>/<model>/<time>/weights/.")
+    launch("eval", "eval", "eval", args)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def sweep(ctx: typer.Context) -> None:
+    """Grid over comma-separated options, then a leaderboard: cvlab sweep optimizer=sgd,adam norm=bn,gn"""
+    launch("sweep", "train", "train", ctx.args, multirun=True)
+
+
+@app.command(name="list")
+def list_options(group: Optional[str] = typer.Argument(None, help="a config group, e.g. model; all groups if omitted")) -> None:
+    """Every option of every config group (or of one group), with a one-line description."""
+    from rich.table import Table
+
+    from cvlab.utils import config
+    from cvlab.utils.console import console, fail
+
+    names = config.groups()
+    if group is not None and group not in names:
+        fail(f"unknown group {group!r}.{config.suggest(group, names, 'group')} Groups: {', '.join(names)}.")
+    for name in [group] if group else names:
+        table = Table(title=f"{name}", title_justify="left", show_header=False)
+        table.add_column("option", style="cyan")
+        table.add_column("description")
+        for option in config.options(name):
+            table.add_row(option, config.describe(name, option))
+        console.print(table)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def info(ctx: typer.Context) -> None:
+    """Parameters (exact), FLOPs at the data's input size and a per-stage table: cvlab info model=resnet50 [data=...]"""
+    from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+
+    _, overrides = _split(ctx.args)
+    cfg = _check("train", complete_task(overrides))
+    from cvlab.run.info import run_info
+
+    try:
+        run_info(cfg)
+    except UserError as error:
+        fail(str(error))
+
+
+@app.command()
+def smoke(
+    models: Optional[list[str]] = typer.Argument(None, help="model names (default: every registered model)"),
+    steps: int = typer.Option(2, help="training and validation batches per model"),
+) -> None:
+    """Every registered model runs a few training and validation steps on tiny embedded data; a table says which passed."""
+    from cvlab.run.smoke import run_smoke
+
+    failed = run_smoke(models or None, steps)
+    raise typer.Exit(1 if failed else 0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hydra configs shipped with cvlab (also reachable as ./conf in a checkout)."""

@@ -1,0 +1,57 @@
+"""Model registry: every architecture variant is a short function decorated with ``@register_model``.
+
+``create_model(name, **kwargs)`` works without Hydra; an unknown name is answered with the closest
+registered names. Each entry records the task it serves so the CLI can pick the task from the model.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from cvlab.utils.errors import UserError
+
+_MODELS: dict[str, Callable] = {}
+_TASKS: dict[str, str] = {}
+
+
+def register_model(fn: Callable | None = None, *, task: str = "classification"):
+    """Register ``fn`` under its own name for ``task``; usable bare or as ``@register_model(task=...)``."""
+
+    def wrap(f: Callable) -> Callable:
+        if f.__name__ in _MODELS:
+            raise ValueError(f"model {f.__name__!r} is registered twice")
+        _MODELS[f.__name__] = f
+        _TASKS[f.__name__] = task
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every model file it lists.
+    import cvlab.models  # noqa: F401
+
+
+def list_models(task: str | None = None) -> list[str]:
+    _ensure_loaded()
+    return sorted(name for name in _MODELS if task is None or _TASKS[name] == task)
+
+
+def model_task(name: str) -> str:
+    _ensure_loaded()
+    _check_name(name)
+    return _TASKS[name]
+
+
+def _check_name(name: str) -> None:
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown model {name!r}.{hint} `cvlab list model` shows them all.")
+
+
+def create_model(name: str, **kwargs):
+    """Build the registered model ``name``; ``kwargs`` go to its entry function."""
+    _ensure_loaded()
+    _check_name(name)
+    return _MODELS[name](**kwargs)

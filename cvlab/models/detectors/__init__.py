@@ -1,0 +1,1 @@
+"""Detectors of the model zoo; every module here is imported (and so registered) by cvlab.models."""

@@ -1,0 +1,58 @@
+"""Glue shared by the run entry points: guarded execution (bad input -> one line, exit 2, nothing half-written),
+run-directory bookkeeping, and building Lightning objects from their config groups."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from cvlab.utils.console import console, print_error
+from cvlab.utils.errors import UserError
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def run_guarded(run: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig):
+    """Runs ``run(cfg)``; a UserError prints one line, removes a run directory that holds no weights yet, exits 2.
+
+    Returns the task's main metric, which Hydra's sweepers optimise.
+    """
+    out = output_dir(cfg)
+    try:
+        metrics, _ = run(cfg)
+    except UserError as error:
+        print_error(str(error))
+        if out.exists() and not any(out.rglob("*.ckpt")):
+            shutil.rmtree(out, ignore_errors=True)
+        sys.exit(2)
+    monitor = cfg.get("task", {}).get("monitor") if "task" in cfg else None
+    return metrics.get(monitor) if monitor else None
+
+
+def to_plain(cfg) -> dict | None:
+    return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list:
+    """Instantiates every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
+    from hydra.utils import instantiate
+
+    return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Writes atomically: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+
+
+def say_run_dir(out: Path, when: str) -> None:
+    console.print(f"[bold]run directory{' (' + when + ')' if when else ''}:[/] {out}", highlight=False)

@@ -1,0 +1,92 @@
+"""`cvlab train`: compose the groups, fit, validate the best checkpoint, write metrics.json and plots."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
+from cvlab.run.common import instantiate_dict, output_dir, run_guarded, say_run_dir, to_plain, write_json
+from cvlab.utils.console import config_tree, console, metrics_table
+from cvlab.utils.errors import UserError
+
+
+def build_datamodule(cfg: DictConfig):
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data, sampler=cfg.sampler.name, seed=cfg.seed)
+    datamodule.info  # noqa: B018  (loads and checks the data now, before anything is built)
+    return datamodule
+
+
+def build_task(cfg: DictConfig, data_info: dict):
+    from hydra.utils import get_class
+
+    task_class = get_class(cfg.task._target_)
+    groups = ("model", "optimizer", "scheduler", "loss", "norm", "activation", "attention", "init", "data")
+    return task_class(data_info=data_info, **{group: to_plain(cfg.get(group)) for group in groups})
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks=()):
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
+    if not loggers:  # Lightning refuses a learning-rate monitor without a logger; results.csv records lr anyway
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       default_root_dir=str(output_dir(cfg)), enable_model_summary=False)
+
+
+def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
+    """Trains per ``cfg``; returns (final metrics, {"task", "datamodule", "trainer"})."""
+    import pytorch_lightning as pl
+
+    out = output_dir(cfg)
+    say_run_dir(out, "start")
+    if cfg.resume and not Path(str(cfg.resume)).expanduser().is_file():
+        raise UserError(f"resume checkpoint {cfg.resume!r} does not exist; runs keep theirs in "
+                        "runs/<task>/<model>/<time>/weights/last.ckpt.")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    console.print(config_tree(cfg))
+    task = build_task(cfg, datamodule.info)
+    trainer = build_trainer(cfg, extra_callbacks)
+
+    started = time.perf_counter()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=str(Path(str(cfg.resume)).expanduser()) if cfg.resume else None)
+    train_time = time.perf_counter() - started
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    scores = trainer.validate(task, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    metrics = {key: float(value) for key, value in scores.items()}
+    metrics.update(epochs=trainer.current_epoch, train_time_s=round(train_time, 2),
+                   params=sum(p.numel() for p in task.model.parameters()))
+    if trainer.is_global_zero:
+        write_json(out / "metrics.json", {**metrics, "best_ckpt": best})
+        write_run_plots(task, out)
+        console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint)"))
+        say_run_dir(out, "end")
+    return metrics, {"task": task, "datamodule": datamodule, "trainer": trainer}
+
+
+def write_run_plots(task, out: Path) -> None:
+    from cvlab.utils.plots import plot_confusion_matrix, plot_curves
+
+    plot_curves(out / "results.csv", out / "curves.png")
+    confusion = getattr(task, "confusion", None)
+    if confusion is not None:
+        plot_confusion_matrix(confusion.compute().cpu().numpy(), task.class_names, out / "confusion_matrix.png")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig):
+    OmegaConf.set_readonly(cfg, False)
+    return run_guarded(run_train, cfg)
+
+
+if __name__ == "__main__":
+    main()

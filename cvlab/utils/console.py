@@ -1,0 +1,46 @@
+"""Console output shared by the commands: the config tree, metric tables, error lines (rich)."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_error(message: str) -> None:
+    """The one line a user sees for bad input."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def config_tree(cfg, title: str = "config") -> Tree:
+    from omegaconf import OmegaConf
+
+    tree = Tree(f"[bold]{title}")
+
+    def add(node: Tree, value: dict) -> None:
+        for key, child in value.items():
+            if isinstance(child, dict):
+                add(node.add(f"[cyan]{key}"), child)
+            else:
+                node.add(f"[cyan]{key}[/]: {'null' if child is None else child}")
+
+    add(tree, OmegaConf.to_container(cfg, resolve=True))
+    return tree
+
+
+def metrics_table(metrics: dict, title: str = "results") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def fail(message: str, code: int = 2):
+    print_error(message)
+    sys.exit(code)

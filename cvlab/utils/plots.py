@@ -1,0 +1,67 @@
+"""PNG plots written into run directories (matplotlib, Agg backend: no screen needed)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, title: str = "confusion matrix") -> None:
+    """Rows are true classes, columns predictions; cells show counts, colour shows the row-normalised rate."""
+    plt = _pyplot()
+    n = len(class_names)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=90)
+        ax.set_yticks(range(n), class_names)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(results_csv: Path, path: Path) -> None:
+    """One panel per metric family (loss, acc, ...) against epoch, train and val together."""
+    if not results_csv.exists():
+        return
+    with results_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    plt = _pyplot()
+    epochs = [int(r["epoch"]) for r in rows]
+    families: dict[str, list[str]] = {}
+    for key in rows[0]:
+        if "/" in key:
+            families.setdefault(key.split("/", 1)[1], []).append(key)
+    families["lr"] = ["lr"]
+    fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.2), squeeze=False)
+    for ax, (family, keys) in zip(axes[0], families.items()):
+        for key in keys:
+            values = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
+            ax.plot(epochs, values, marker="o", label=key)
+        ax.set_title(family)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
