@@ -1,0 +1,70 @@
+"""COCO-style detection metrics: mAP@[.5:.95], mAP@.5, mAP@.75, per-class AP and precision-recall curves.
+
+A thin layer over ``torchmetrics.detection.MeanAveragePrecision`` (which runs the official COCOeval of
+``pycocotools``, or of ``faster_coco_eval`` when that is installed — the two backends torchmetrics 1.9 knows)
+that names classes and flattens the result. Boxes are absolute xyxy, as everywhere in cvlab.
+
+The precision-recall curves are not computed by hand: with ``extended_summary=True`` torchmetrics exposes
+COCOeval's accumulated ``precision`` array ``[T, R, K, A, M]`` (IoU thresholds x 101 recall points x classes x
+area ranges x max-detections). :meth:`DetectionMeanAP.pr_curves` slices it at one IoU, area "all" and the
+largest max-detections. That precision is COCO's interpolated one (the best precision at any recall >= r)
+and is 0 at recall points the detector never reaches.
+"""
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import numpy as np
+from torchmetrics.detection import MeanAveragePrecision
+
+
+def default_backend() -> str:
+    """``faster_coco_eval`` (faster, same numbers) when installed, else ``pycocotools``."""
+    return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+
+
+class DetectionMeanAP(MeanAveragePrecision):
+    """``MeanAveragePrecision`` (bbox, xyxy, per-class) whose ``compute()`` returns
+
+    ``{"map": float, "map_50": float, "map_75": float, "mar_100": float, "ap_per_class": {name: AP@[.5:.95]}}``.
+
+    ``ap_per_class`` holds the classes that have ground truth in the evaluated data (COCO's AP is undefined
+    for the others). Update with ``update(preds, targets)``: lists of ``dict(boxes, scores, labels)`` and
+    ``dict(boxes, labels)``, one per image. Areas of ground-truth boxes are their ``w * h`` (COCO's area
+    ranges only matter for ``map_small``/``medium``/``large``, which are not reported).
+    """
+
+    def __init__(self, class_names: Sequence[str], backend: str | None = None, **kwargs):
+        super().__init__(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
+                         backend=backend or default_backend(), **kwargs)
+        self.class_names = tuple(class_names)
+        self._raw: dict | None = None
+        # COCO scores the top 100 per image by design; an untrained detector exceeding it is expected.
+        self.warn_on_many_detections = False
+
+    def _name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+    def compute(self) -> dict:
+        raw = super().compute()
+        self._raw = raw
+        ap_per_class = {self._name(int(c)): float(ap) for c, ap in zip(raw["classes"], raw["map_per_class"])
+                        if float(ap) >= 0}
+        return {"map": float(raw["map"]), "map_50": float(raw["map_50"]), "map_75": float(raw["map_75"]),
+                "mar_100": float(raw["mar_100"]), "ap_per_class": ap_per_class}
+
+    def pr_curves(self, iou: float = 0.5) -> dict[str, dict[str, np.ndarray]]:
+        """``{class name: {"recall": float[R], "precision": float[R]}}`` at IoU threshold ``iou``, for the
+        classes with ground truth; recall is COCO's 101 points ``0, 0.01, ..., 1``."""
+        self.compute()  # cached by torchmetrics until the next update/reset; sets self._raw
+        raw = self._raw
+        if "precision" not in raw:  # nothing was evaluated
+            return {}
+        matches = np.flatnonzero(np.isclose(self.iou_thresholds, iou))
+        if len(matches) == 0:
+            raise ValueError(f"IoU {iou} is not among the evaluated thresholds {self.iou_thresholds}")
+        precision = raw["precision"][int(matches[0]), :, :, 0, -1]  # [R, K]: area "all", most detections
+        recall = np.asarray(self.rec_thresholds, dtype=np.float64)
+        return {self._name(int(c)): {"recall": recall, "precision": precision[:, k].double().numpy()}
+                for k, c in enumerate(raw["classes"]) if bool((precision[:, k] >= 0).all())}

@@ -1,0 +1,130 @@
+"""Decoding YOLO outputs into absolute xyxy boxes, and the threshold + NMS step that ends a one-stage detector.
+
+Papers:
+    Redmon et al. 2016, "You Only Look Once" (YOLOv1: a box is a cell offset plus √w, √h of the image size).
+    Redmon & Farhadi 2017, "YOLO9000" (YOLOv2/v3 "direct location prediction":
+    ``bx = σ(tx) + cx``, ``by = σ(ty) + cy``, ``bw = pw · exp(tw)``, ``bh = ph · exp(th)``).
+
+The YOLO box parameterisations are not in torchvision, so they are written here; score thresholding, clipping and
+class-wise NMS use ``torchvision.ops`` (``clip_boxes_to_image``, ``batched_nms``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchvision.ops import batched_nms, box_convert, clip_boxes_to_image
+
+# exp(tw) is clamped here so an untrained head cannot produce inf boxes (torchvision's BoxCoder uses the same bound).
+_MAX_LOG_SCALE = math.log(1000.0 / 16)
+
+
+def _cell_grid(height: int, width: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and row index of every cell: two Tensor[H, W]."""
+    rows, cols = torch.meshgrid(
+        torch.arange(height, device=device, dtype=dtype), torch.arange(width, device=device, dtype=dtype), indexing="ij"
+    )
+    return cols, rows
+
+
+def decode_cell_boxes(pred: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """YOLOv1 boxes → absolute xyxy.
+
+    ``pred: Tensor[..., S_h, S_w, B, 4]`` holds, per cell and predictor, ``(x, y, √w, √h)``: the centre as an
+    offset inside the cell (0–1 when inside) and the square roots of width / height relative to the image.
+    Returns Tensor[..., S_h, S_w, B, 4] in pixels of ``image_size = (H, W)``.
+    """
+    grid_h, grid_w = pred.shape[-4], pred.shape[-3]
+    img_h, img_w = image_size
+    cols, rows = _cell_grid(grid_h, grid_w, pred.device, pred.dtype)
+    cx = (cols[..., None] + pred[..., 0]) / grid_w * img_w
+    cy = (rows[..., None] + pred[..., 1]) / grid_h * img_h
+    w = pred[..., 2].square() * img_w
+    h = pred[..., 3].square() * img_h
+    return box_convert(torch.stack((cx, cy, w, h), -1), "cxcywh", "xyxy")
+
+
+def decode_anchor_boxes(raw: torch.Tensor, anchors: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """YOLOv2/v3 direct location prediction → absolute xyxy.
+
+    ``raw: Tensor[N, A, H, W, 4]`` holds the raw ``(tx, ty, tw, th)`` of ``A`` anchors on an H×W grid, and
+    ``anchors: Tensor[A, 2]`` their (w, h) in pixels. The stride is ``image_size / grid`` per axis, so any input
+    size works (multi-scale training). Returns Tensor[N, A, H, W, 4].
+    """
+    grid_h, grid_w = raw.shape[-3], raw.shape[-2]
+    stride_y, stride_x = image_size[0] / grid_h, image_size[1] / grid_w
+    cols, rows = _cell_grid(grid_h, grid_w, raw.device, raw.dtype)
+    cx = (raw[..., 0].sigmoid() + cols) * stride_x
+    cy = (raw[..., 1].sigmoid() + rows) * stride_y
+    anchor_w = anchors[:, 0].view(-1, 1, 1).to(raw)
+    anchor_h = anchors[:, 1].view(-1, 1, 1).to(raw)
+    w = anchor_w * raw[..., 2].clamp(max=_MAX_LOG_SCALE).exp()
+    h = anchor_h * raw[..., 3].clamp(max=_MAX_LOG_SCALE).exp()
+    return box_convert(torch.stack((cx, cy, w, h), -1), "cxcywh", "xyxy")
+
+
+def select_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    image_size: tuple[int, int],
+    conf_thresh: float = 0.001,
+    iou_thresh: float = 0.45,
+    max_det: int = 300,
+    pre_nms_topk: int = 10_000,
+    multi_label: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One image: clip, keep (box, class) pairs scoring above ``conf_thresh``, class-wise NMS, best ``max_det``.
+
+    Args:
+        boxes: Tensor[K, 4] xyxy pixels.
+        scores: Tensor[K, C], the class-specific confidence (YOLO: objectness × class probability).
+        multi_label: a box may be kept once per class scoring above the threshold (as Darknet's evaluation);
+            False keeps only each box's best class.
+        pre_nms_topk: only the highest-scoring pairs enter NMS, which bounds its cost for untrained models.
+
+    Returns dict(boxes=Tensor[D, 4], scores=Tensor[D], labels=Tensor[D] int64), sorted by decreasing score.
+    """
+    boxes = clip_boxes_to_image(boxes, image_size)
+    if multi_label:
+        box_index, labels = (scores > conf_thresh).nonzero(as_tuple=True)
+        kept_scores = scores[box_index, labels]
+    else:
+        kept_scores, labels = scores.max(dim=1)
+        box_index = (kept_scores > conf_thresh).nonzero(as_tuple=True)[0]
+        kept_scores, labels = kept_scores[box_index], labels[box_index]
+    if kept_scores.numel() > pre_nms_topk:
+        kept_scores, top = kept_scores.topk(pre_nms_topk)
+        box_index, labels = box_index[top], labels[top]
+    kept_boxes = boxes[box_index]
+    keep = batched_nms(kept_boxes, kept_scores, labels, iou_thresh)[:max_det]
+    return dict(boxes=kept_boxes[keep], scores=kept_scores[keep], labels=labels[keep].long())
+
+
+class DetectionPostprocess(nn.Module):
+    """Batched :func:`select_detections` with its thresholds as attributes (change them at predict time, e.g.
+    ``model.postprocess.conf_thresh = 0.25``); the defaults suit mAP evaluation.
+
+    ``forward(boxes: Tensor[N, K, 4], scores: Tensor[N, K, C], image_size=(H, W)) -> list[dict]`` (one per image).
+    """
+
+    def __init__(self, conf_thresh: float = 0.001, iou_thresh: float = 0.45, max_det: int = 300,
+                 pre_nms_topk: int = 10_000, multi_label: bool = True):
+        super().__init__()
+        self.conf_thresh = conf_thresh
+        self.iou_thresh = iou_thresh
+        self.max_det = max_det
+        self.pre_nms_topk = pre_nms_topk
+        self.multi_label = multi_label
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor,
+                image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        return [
+            select_detections(image_boxes, image_scores, image_size, self.conf_thresh, self.iou_thresh, self.max_det,
+                              self.pre_nms_topk, self.multi_label)
+            for image_boxes, image_scores in zip(boxes, scores)
+        ]
+
+    def extra_repr(self) -> str:
+        return (f"conf_thresh={self.conf_thresh}, iou_thresh={self.iou_thresh}, max_det={self.max_det}, "
+                f"pre_nms_topk={self.pre_nms_topk}, multi_label={self.multi_label}")

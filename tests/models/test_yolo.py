@@ -1,0 +1,382 @@
+"""YOLO v1–v3: exact sizes, the detection contract, decoding, post-processing, hand-computed losses, overfitting."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import box_iou
+
+from cvlab.losses.yolo import YoloV1Loss, YoloV2Loss, YoloV3Loss, last_occurrence, shape_iou
+from cvlab.models import create_model, list_models
+from cvlab.ops.postprocess import DetectionPostprocess, decode_anchor_boxes, decode_cell_boxes, select_detections
+
+torch.set_num_threads(1)
+
+DETECTORS = ["yolov1", "yolov1_tiny", "yolov2", "yolov2_tiny", "yolov3", "yolov3_tiny"]
+# Tiny CPU builds: YOLOv1's input must be a multiple of 64 (its grid is img_size / 64), the others of 32.
+TINY_SIZE = {"yolov1": 128, "yolov1_tiny": 128}
+LOSS_NAMES = {"loss_box", "loss_obj", "loss_noobj", "loss_cls"}
+
+# (name, classes, img_size): params, FLOPs (2·MACs of forward_raw), Conv2d layers, Linear layers
+SIZES = {
+    ("yolov3", 80, 416): (61_949_149, 65_864_075_264, 75, 0),  # yolov3.cfg: 61,949,149; Darknet: 65.86 Bn
+    ("yolov3_tiny", 80, 416): (8_852_366, 5_564_961_792, 13, 0),  # yolov3-tiny.cfg; Darknet: 5.56 Bn
+    ("yolov2", 80, 416): (50_962_889, 29_464_168_448, 23, 0),
+    ("yolov2", 20, 416): (50_655_389, 29_360_334_848, 23, 0),
+    ("yolov2_tiny", 20, 416): (15_861_773, 6_971_041_792, 9, 0),  # tiny-yolo-voc.cfg; Darknet: 6.97 Bn
+    ("yolov1", 20, 448): (271_703_550, 40_570_306_560, 24, 2),  # the paper's 24 conv + 2 FC
+    ("yolov1_tiny", 20, 448): (27_093_086, 3_216_030_720, 8, 1),
+}
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def tiny(name: str, **kw) -> nn.Module:
+    return create_model(name, num_classes=3, img_size=TINY_SIZE.get(name, 64), width=0.125, **kw)
+
+
+def sample_targets():
+    return [
+        dict(boxes=torch.tensor([[5.0, 6.0, 40.0, 50.0], [20.0, 20.0, 30.0, 28.0]]), labels=torch.tensor([0, 2])),
+        dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
+    ]
+
+
+def test_registered_as_detectors():
+    assert set(DETECTORS) <= set(list_models(task="detection"))
+
+
+@pytest.mark.parametrize("key", SIZES, ids=lambda k: f"{k[0]}-{k[1]}cls")
+def test_exact_size_flops_and_layers(key):
+    name, classes, size = key
+    params, flops, convs, linears = SIZES[key]
+    with torch.device("meta"):
+        model = create_model(name, num_classes=classes, img_size=size)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_raw(torch.empty(1, 3, size, size))
+    assert n_params(model) == params
+    assert counter.get_total_flops() == flops
+    assert (count(model, nn.Conv2d), count(model, nn.Linear)) == (convs, linears)
+
+
+def test_yolov3_tiny_counts_8_858_734_with_batchnorm_statistics():
+    # The often-quoted 8,858,734 adds BN running mean / var (non-trainable) to the 8,852,366 parameters.
+    with torch.device("meta"):
+        model = create_model("yolov3_tiny")
+    stats = sum(b.numel() for k, b in model.named_buffers() if k.endswith(("running_mean", "running_var")))
+    assert n_params(model) + stats == 8_858_734
+
+
+def test_yolov3_raw_output_shapes_at_416():
+    with torch.device("meta"):
+        model = create_model("yolov3")
+        levels = model.forward_raw(torch.empty(2, 3, 416, 416))
+    assert [tuple(level.shape) for level in levels] == [(2, 3, 13, 13, 85), (2, 3, 26, 26, 85), (2, 3, 52, 52, 85)]
+    # The coarsest grid gets the largest anchors.
+    assert model.level_anchors()[0].tolist() == [[116, 90], [156, 198], [373, 326]]
+    assert model.level_anchors()[2].tolist() == [[10, 13], [16, 30], [33, 23]]
+
+
+def test_yolov1_paper_grid_and_output():
+    with torch.device("meta"):
+        model = create_model("yolov1", num_classes=20)
+        boxes, classes = model.forward_raw(torch.empty(1, 3, 448, 448))
+    assert model.grid_size == 7 and model.head[-1].out_features == 7 * 7 * 30
+    assert boxes.shape == (1, 7, 7, 2, 5) and classes.shape == (1, 7, 7, 20)
+    assert isinstance(model.head[3], nn.Dropout) and model.head[3].p == 0.5
+    assert count(model, nn.BatchNorm2d) == 0  # the paper's net has no norm; its convs keep biases
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
+    bn = create_model("yolov1", num_classes=20, width=0.125, norm_layer=nn.BatchNorm2d)
+    assert count(bn, nn.BatchNorm2d) == 24
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_train_losses_and_gradients_reach_every_parameter(name):
+    torch.manual_seed(0)
+    model = tiny(name).train()
+    size = TINY_SIZE.get(name, 64)
+    losses = model(torch.rand(2, 3, size, size), sample_targets())
+    assert set(losses) == LOSS_NAMES
+    assert all(v.ndim == 0 and torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_eval_returns_one_detection_dict_per_image(name):
+    torch.manual_seed(0)
+    model = tiny(name, max_det=20).eval()
+    size = TINY_SIZE.get(name, 64)
+    with torch.no_grad():
+        detections = model(torch.rand(2, 3, size, size))
+    assert len(detections) == 2
+    for det in detections:
+        k = len(det["scores"])
+        assert 0 < k <= 20
+        assert det["boxes"].shape == (k, 4) and det["labels"].shape == (k,) and det["labels"].dtype == torch.int64
+        assert ((det["labels"] >= 0) & (det["labels"] < 3)).all()
+        assert (det["boxes"] >= 0).all() and (det["boxes"] <= size).all()
+        assert (det["scores"][:-1] >= det["scores"][1:]).all()
+
+
+@pytest.mark.parametrize("name", ["yolov2", "yolov2_tiny", "yolov3", "yolov3_tiny"])
+def test_any_multiple_of_32_works_for_multiscale_training(name):
+    model = tiny(name)  # built for 64 px
+    levels = model.forward_raw(torch.rand(1, 3, 96, 160))
+    assert [tuple(level.shape[2:4]) for level in levels][0] == (3, 5)
+    model.train()
+    assert set(model(torch.rand(1, 3, 96, 160), sample_targets()[:1])) == LOSS_NAMES
+
+
+def test_input_size_validation_and_training_needs_targets():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        create_model("yolov1", img_size=100)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        create_model("yolov3", img_size=100)
+    model = tiny("yolov1").train()
+    with pytest.raises(ValueError, match="fix its input"):
+        model(torch.rand(1, 3, 192, 192), sample_targets()[:1])
+    with pytest.raises(ValueError, match="needs targets"):
+        tiny("yolov3_tiny").train()(torch.rand(1, 3, 64, 64))
+
+
+def test_anchor_options():
+    # Default anchors are the released 416-px sets rescaled to img_size; YOLOv2's are in 32-px grid cells.
+    with torch.device("meta"):
+        v3 = create_model("yolov3", img_size=320)
+        v2 = create_model("yolov2")
+    torch.testing.assert_close(v3.anchors[-1], torch.tensor([373.0, 326.0]) * 320 / 416)
+    torch.testing.assert_close(v2.anchors[0], torch.tensor([0.57273, 0.677385]) * 32)
+    # A user list is pixels at img_size, used as given (sorted by area over the scales for YOLOv3).
+    anchors = [(40, 40), (5, 5), (20, 10), (8, 12), (60, 50), (12, 30)]
+    model = create_model("yolov3_tiny", num_classes=1, img_size=64, width=0.125, anchors=anchors)
+    assert [a.tolist() for a in model.level_anchors()] == [[[12, 30], [40, 40], [60, 50]],
+                                                           [[5, 5], [8, 12], [20, 10]]]
+    v2_custom = create_model("yolov2_tiny", num_classes=2, img_size=64, width=0.125, anchors=[(10, 20), (30, 30)])
+    assert v2_custom.forward_raw(torch.rand(1, 3, 64, 64))[0].shape == (1, 2, 2, 2, 7)
+    with pytest.raises(ValueError, match="split evenly"):
+        create_model("yolov3", width=0.125, anchors=anchors[:4])
+
+
+def test_postprocess_options_reach_the_model():
+    model = tiny("yolov3_tiny", conf_thresh=0.25, iou_thresh=0.5, max_det=7)
+    assert (model.postprocess.conf_thresh, model.postprocess.iou_thresh, model.postprocess.max_det) == (0.25, 0.5, 7)
+    assert tiny("yolov1").postprocess.conf_thresh == 0.001 and tiny("yolov2").postprocess.iou_thresh == 0.45
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+def test_decode_anchor_boxes_direct_location_prediction():
+    raw = torch.zeros(1, 1, 2, 2, 4)  # one anchor on a 2×2 grid of a 64×64 image: stride 32
+    raw[0, 0, 1, 0] = torch.tensor([math.log(0.25 / 0.75), 0.0, math.log(2.0), math.log(0.5)])
+    boxes = decode_anchor_boxes(raw, torch.tensor([[16.0, 8.0]]), (64, 64))
+    # σ(tx) = 0.25 in column 0 → cx = 8; σ(0) = 0.5 in row 1 → cy = 48; w = 16·2, h = 8·0.5.
+    torch.testing.assert_close(boxes[0, 0, 1, 0], torch.tensor([8.0 - 16, 48.0 - 2, 8.0 + 16, 48.0 + 2]))
+    # Raw zeros: the anchor centred in its cell (row 0, column 1: centre (48, 16)).
+    torch.testing.assert_close(boxes[0, 0, 0, 1], torch.tensor([40.0, 12.0, 56.0, 20.0]))
+
+
+def test_decode_cell_boxes_yolov1():
+    pred = torch.zeros(2, 2, 1, 4)  # S = 2, B = 1, image 64 high × 128 wide
+    pred[1, 0, 0] = torch.tensor([0.5, 0.25, 0.5, 0.5])
+    boxes = decode_cell_boxes(pred, (64, 128))
+    # cx = (0 + 0.5)/2·128 = 32, cy = (1 + 0.25)/2·64 = 40, w = 0.5²·128 = 32, h = 0.5²·64 = 16.
+    torch.testing.assert_close(boxes[1, 0, 0], torch.tensor([16.0, 32.0, 48.0, 48.0]))
+
+
+# ------------------------------------------------------------------------------------------------- post-process
+
+
+def test_select_detections_keeps_top_box_and_suppresses_overlap():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [-5, 0, 10, 80]],
+                         dtype=torch.float32)
+    scores = torch.tensor([[0.9, 0.0], [0.8, 0.6], [0.0, 0.7], [0.3, 0.0], [0.0, 0.5]])
+    out = select_detections(boxes, scores, (64, 64), conf_thresh=0.4, iou_thresh=0.5)
+    # Box 1 loses to box 0 in class 0 (IoU 0.81) but survives as class 1; box 3 is under the threshold;
+    # box 4 is clipped to the image.
+    assert out["labels"].tolist() == [0, 1, 1, 1]
+    torch.testing.assert_close(out["scores"], torch.tensor([0.9, 0.7, 0.6, 0.5]))
+    torch.testing.assert_close(out["boxes"][[0, 3]], torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 64]]))
+    best_class = select_detections(boxes, scores, (64, 64), conf_thresh=0.4, iou_thresh=0.5, multi_label=False)
+    assert best_class["scores"].tolist() == pytest.approx([0.9, 0.7, 0.5])
+    assert len(select_detections(boxes, scores, (64, 64), conf_thresh=0.4, max_det=2)["scores"]) == 2
+    batched = DetectionPostprocess(conf_thresh=0.4, iou_thresh=0.5)(boxes.expand(2, -1, -1), scores.expand(2, -1, -1),
+                                                                    (64, 64))
+    assert [len(d["scores"]) for d in batched] == [4, 4]
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+
+
+def test_helpers_shape_iou_and_last_occurrence():
+    iou = shape_iou(torch.tensor([[10.0, 20.0]]), torch.tensor([[10.0, 20.0], [20.0, 10.0], [5.0, 5.0]]))
+    torch.testing.assert_close(iou, torch.tensor([[1.0, 100 / 300, 25 / 200]]))
+    assert sorted(last_occurrence(torch.tensor([3, 1, 3, 2, 1])).tolist()) == [2, 3, 4]
+
+
+def _iou(a, b):
+    """Plain-Python IoU of two xyxy boxes, for the hand-computed expectations."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_yolov1_loss_by_hand():
+    # S = 2, B = 2, C = 2 on a 64×64 image. One object: centre (40, 20), 16×32 → cell row 0, column 1;
+    # targets x = 40/32 − 1 = 0.25, y = 20/32 = 0.625, √w = √0.25 = 0.5, √h = √0.5.
+    box_pred = torch.zeros(1, 2, 2, 2, 5)
+    box_pred[0, 0, 1, 0] = torch.tensor([0.5, 0.5, 0.3, 0.3, 0.6])  # a small box off-centre: low IoU
+    box_pred[0, 0, 1, 1] = torch.tensor([0.3, 0.6, 0.45, 0.7, 0.2])  # close to the object: responsible
+    box_pred[0, 1, 0, 0, 4] = 0.1  # confidence in an empty cell
+    class_pred = torch.zeros(1, 2, 2, 2)
+    class_pred[0, 0, 1] = torch.tensor([0.2, 0.7])
+    class_pred[0, 1, 1] = torch.tensor([0.9, 0.9])  # class scores of an empty cell are not penalised
+    gt = [32.0, 4.0, 48.0, 36.0]
+    targets = [dict(boxes=torch.tensor([gt]), labels=torch.tensor([1]))]
+    losses = YoloV1Loss()(box_pred, class_pred, targets, (64, 64))
+
+    # Decoded predictor boxes: cx = (1 + x)/2·64, cy = y/2·64, w = √w²·64, h = √h²·64.
+    iou_a = _iou([48 - 2.88, 16 - 2.88, 48 + 2.88, 16 + 2.88], gt)
+    iou_b = _iou([41.6 - 6.48, 19.2 - 15.68, 41.6 + 6.48, 19.2 + 15.68], gt)
+    assert iou_b > iou_a
+    expected = dict(
+        loss_box=5 * ((0.3 - 0.25) ** 2 + (0.6 - 0.625) ** 2 + (0.45 - 0.5) ** 2 + (0.7 - math.sqrt(0.5)) ** 2),
+        loss_obj=(0.2 - iou_b) ** 2,
+        loss_noobj=0.5 * (0.6**2 + 0.1**2),  # the non-responsible predictor of the object's cell counts too
+        loss_cls=(0.2 - 0) ** 2 + (0.7 - 1) ** 2,
+    )
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+
+    # With an extra empty image every term is halved (sums are divided by the batch size).
+    two = YoloV1Loss()(torch.cat([box_pred, torch.zeros_like(box_pred)]), class_pred.repeat(2, 1, 1, 1),
+                       targets + [dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))], (64, 64))
+    assert two["loss_box"].item() == pytest.approx(expected["loss_box"] / 2, rel=1e-5)
+
+
+def test_yolov1_responsible_falls_back_to_nearest_when_no_overlap():
+    box_pred = torch.zeros(1, 1, 1, 2, 5)  # S = 1
+    box_pred[0, 0, 0, 0] = torch.tensor([0.9, 0.9, 0.1, 0.1, 0.3])  # no overlap, nearer the object
+    box_pred[0, 0, 0, 1] = torch.tensor([0.99, 0.99, 0.05, 0.05, 0.4])  # no overlap, farther
+    targets = [dict(boxes=torch.tensor([[0.0, 0.0, 16.0, 16.0]]), labels=torch.tensor([0]))]
+    losses = YoloV1Loss()(box_pred, torch.zeros(1, 1, 1, 1), targets, (64, 64))
+    assert losses["loss_noobj"].item() == pytest.approx(0.5 * 0.4**2)  # predictor 1 is the non-responsible one
+    assert losses["loss_obj"].item() == pytest.approx(0.3**2)  # IoU target 0
+
+
+# Two levels on a 64×64 image: coarse 2×2 (stride 32) with anchors 40×40, 60×30; fine 4×4 (stride 16) with 8×8,
+# 12×20. One object of 12×18 centred at (20, 36): best shape IoU is 12×20 (216/240 = 0.9) → fine level, anchor 1,
+# cell row 2, column 1, offsets x̂ = 20/16 − 1 = 0.25, ŷ = 36/16 − 2 = 0.25.
+LEVEL_ANCHORS = [torch.tensor([[40.0, 40.0], [60.0, 30.0]]), torch.tensor([[8.0, 8.0], [12.0, 20.0]])]
+OBJECT = [14.0, 27.0, 26.0, 45.0]
+
+
+def _zero_outputs(num_classes: int):
+    return [torch.zeros(1, 2, 2, 2, 5 + num_classes, requires_grad=True),
+            torch.zeros(1, 2, 4, 4, 5 + num_classes, requires_grad=True)]
+
+
+def test_yolov3_loss_by_hand_and_assignment():
+    outputs = _zero_outputs(num_classes=3)
+    targets = [dict(boxes=torch.tensor([OBJECT]), labels=torch.tensor([2]))]
+    losses = YoloV3Loss(ignore_thresh=0.5)(outputs, LEVEL_ANCHORS, targets, (64, 64))
+    sum(losses.values()).backward()
+    # Only the assigned slot receives box / class gradients.
+    class_grad = outputs[1].grad[..., 5:].abs().sum(-1)
+    assert class_grad.nonzero().tolist() == [[0, 1, 2, 1]] and outputs[0].grad[..., 5:].abs().sum() == 0
+
+    size_weight = 2 - 12 * 18 / (64 * 64)
+    # Raw zeros: σ(tx) = σ(ty) = 0.5, tw = th = 0 against log(12/12), log(18/20).
+    box = size_weight * ((0.5 - 0.25) ** 2 * 2 + 0.0 + math.log(18 / 20) ** 2)
+    log2 = math.log(2.0)
+    # Every other prediction (2·2·2 + 2·4·4 − 1 = 39) is a negative: none overlaps the object by more than 0.5.
+    expected = dict(loss_box=box, loss_obj=log2, loss_noobj=39 * log2, loss_cls=3 * log2)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+
+
+def test_yolov3_ignore_threshold_and_giou_box_loss():
+    loss = YoloV3Loss(ignore_thresh=0.5)
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    pred = torch.tensor([[[[[0.0, 0.0, 10.0, 9.0], [0.0, 0.0, 10.0, 4.0], [20.0, 20.0, 30.0, 30.0]]]]])  # IoU .9 .4 0
+    assert loss._unmatched(pred, torch.tensor([0]), gt).flatten().tolist() == [False, True, True]
+
+    # A prediction decoding exactly onto the object has zero GIoU loss.
+    outputs = _zero_outputs(num_classes=1)
+    with torch.no_grad():
+        outputs[1][0, 1, 2, 1, :4] = torch.tensor([math.log(0.25 / 0.75), math.log(0.25 / 0.75), 0.0,
+                                                    math.log(18 / 20)])
+    targets = [dict(boxes=torch.tensor([OBJECT]), labels=torch.tensor([0]))]
+    giou = YoloV3Loss(box_loss="giou")(outputs, LEVEL_ANCHORS, targets, (64, 64))
+    mse = YoloV3Loss(box_loss="mse")(outputs, LEVEL_ANCHORS, targets, (64, 64))
+    assert giou["loss_box"].item() == pytest.approx(0.0, abs=1e-5)
+    assert mse["loss_box"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_yolov2_loss_by_hand():
+    # One level (stride 16 on 64×64, 4×4 cells) with anchors 8×8 and 12×20; the object of test_yolov3 again.
+    anchors = [LEVEL_ANCHORS[1]]
+    outputs = [torch.zeros(1, 2, 4, 4, 5 + 4)]
+    targets = [dict(boxes=torch.tensor([OBJECT]), labels=torch.tensor([1]))]
+    losses = YoloV2Loss()(outputs, anchors, targets, (64, 64))
+    size_weight = 2 - 12 * 18 / (64 * 64)
+    # The assigned prediction decodes to the anchor centred in its cell: 12×20 at (24, 40).
+    iou = _iou([18.0, 30.0, 30.0, 50.0], OBJECT)
+    expected = dict(
+        loss_box=size_weight * ((0.5 - 0.25) ** 2 * 2 + math.log(18 / 20) ** 2),
+        loss_obj=5 * (0.5 - iou) ** 2,  # object_scale 5, target = IoU (rescore)
+        loss_noobj=31 * 0.5**2,  # the other 2·4·4 − 1 predictions, none above the 0.6 ignore threshold
+        loss_cls=math.log(4),  # softmax cross-entropy of uniform logits over 4 classes
+    )
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+
+
+def test_objects_without_area_are_skipped_and_empty_images_only_have_noobj():
+    model = tiny("yolov3_tiny").train()
+    targets = [dict(boxes=torch.tensor([[10.0, 10.0, 10.0, 30.0]]), labels=torch.tensor([1])),
+               dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]
+    losses = model(torch.rand(2, 3, 64, 64), targets)
+    assert losses["loss_box"] == 0 and losses["loss_obj"] == 0 and losses["loss_cls"] == 0
+    assert losses["loss_noobj"] > 0
+
+
+# -------------------------------------------------------------------------------------------------- overfitting
+
+
+def test_yolov3_tiny_overfits_two_images():
+    torch.manual_seed(0)
+    images = torch.full((2, 3, 64, 64), 0.1)
+    boxes = [torch.tensor([[8.0, 10.0, 30.0, 40.0]]), torch.tensor([[30.0, 4.0, 58.0, 22.0], [6.0, 36.0, 26.0, 60.0]])]
+    for image, image_boxes in zip(images, boxes):
+        for x0, y0, x1, y1 in image_boxes.long().tolist():
+            image[:, y0:y1, x0:x1] = torch.tensor([0.9, 0.5, 0.2])[:, None, None]
+    targets = [dict(boxes=b, labels=torch.zeros(len(b), dtype=torch.long)) for b in boxes]
+
+    model = create_model("yolov3_tiny", num_classes=1, img_size=64, width=0.25).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    history = []
+    for _ in range(80):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[0] / history[-1] > 5
+
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    for det, image_boxes in zip(detections, boxes):
+        # The best detection matches an object, and every object is found among the top detections.
+        assert box_iou(det["boxes"][:1], image_boxes).max() > 0.5
+        assert (box_iou(det["boxes"][: len(image_boxes)], image_boxes).amax(0) > 0.5).all()
