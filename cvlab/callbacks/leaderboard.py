@@ -16,12 +16,16 @@ def collect(sweep_dir: Path) -> list[dict]:
         metrics_path = job / "metrics.json"
         overrides_path = job / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.load(overrides_path) if overrides_path.exists() else []
-        row = {"job": int(job.name), "overrides": " ".join(str(o) for o in overrides)}
+        row = {"job": int(job.name), "overrides": [str(o) for o in overrides]}
         if metrics_path.exists():
             row.update(json.loads(metrics_path.read_text()))
         else:
             row["status"] = "failed"
         rows.append(row)
+    # Show what differs between jobs; the overrides every job shares say nothing about the ranking.
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:
+        row["overrides"] = " ".join(o for o in row["overrides"] if o not in shared)
     return rows
 
 

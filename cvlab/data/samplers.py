@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from cvlab.utils.errors import UserError
+
 
 class EpochShuffleSampler(Sampler[int]):
     """A fresh uniform permutation each epoch, drawn from ``seed + epoch``."""
@@ -56,4 +58,4 @@ def build_sampler(name: str, labels: Sequence[int], seed: int) -> Sampler[int]:
         return EpochShuffleSampler(len(labels), seed)
     if name == "class_balanced":
         return ClassBalancedSampler(labels, seed)
-    raise ValueError(f"unknown sampler {name!r}")
+    raise UserError(f"unknown sampler {name!r}; choose none or class_balanced (`cvlab list sampler`).")

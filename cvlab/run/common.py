@@ -14,6 +14,19 @@ from cvlab.utils.console import console, print_error
 from cvlab.utils.errors import UserError
 
 
+def quiet_lightning() -> None:
+    """Keeps the console to what a user needs: Lightning's hardware banner, tips and known-harmless warnings go."""
+    import logging
+    import warnings
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*LeafSpec.*is deprecated.*",
+                    ".*The number of training batches .* is smaller than the logging interval.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
@@ -30,6 +43,11 @@ def run_guarded(run: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig)
         print_error(str(error))
         if out.exists() and not any(out.rglob("*.ckpt")):
             shutil.rmtree(out, ignore_errors=True)
+            for parent in list(out.parents)[:3]:  # <runs>/<task>/<model>, if this run made them
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         sys.exit(2)
     monitor = cfg.get("task", {}).get("monitor") if "task" in cfg else None
     return metrics.get(monitor) if monitor else None

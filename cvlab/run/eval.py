@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.run.common import output_dir, run_guarded, say_run_dir, write_json
+from cvlab.run.common import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
 from cvlab.utils.console import console, metrics_table
 from cvlab.utils.errors import UserError
 
@@ -19,6 +19,7 @@ def run_eval(cfg: DictConfig) -> tuple[dict, dict]:
     from cvlab.run.train import write_run_plots
     from cvlab.tasks.base import load_task
 
+    quiet_lightning()
     ckpt = Path(str(cfg.ckpt)).expanduser()
     if not ckpt.is_file():
         raise UserError(f"checkpoint {str(ckpt)!r} does not exist; runs keep theirs in runs/<task>/<model>/<time>/weights/.")

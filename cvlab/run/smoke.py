@@ -12,6 +12,8 @@ from cvlab.utils.console import console
 # Tiny data per task, so the whole zoo runs in a few minutes on a laptop CPU.
 SMOKE_OVERRIDES = {
     "classification": ["data=digits", "data.batch_size=8"],
+    "detection": ["data=shapes_det", "data.img_size=64", "data.train_size=16", "data.val_size=8",
+                  "data.batch_size=4", "model.width=0.25"],
 }
 
 
@@ -19,7 +21,7 @@ def smoke_overrides(name: str, task: str, steps: int, out_dir: str) -> list[str]
     return [
         f"model={name}", f"task={task}", *SMOKE_OVERRIDES.get(task, []),
         "trainer=debug", f"trainer.limit_train_batches={steps}", f"trainer.limit_val_batches={steps}",
-        "trainer.enable_checkpointing=false", "~callbacks.model_checkpoint", "~callbacks.progress_bar",
+        "trainer.enable_checkpointing=false", "~callbacks.model_checkpoint", "~callbacks.last_checkpoint", "~callbacks.progress_bar",
         "+trainer.enable_progress_bar=false", "logger=none", f"paths.output_dir={out_dir}",
     ]
 

@@ -8,7 +8,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.run.common import instantiate_dict, output_dir, run_guarded, say_run_dir, to_plain, write_json
+from cvlab.run.common import (
+    instantiate_dict,
+    output_dir,
+    quiet_lightning,
+    run_guarded,
+    say_run_dir,
+    to_plain,
+    write_json,
+)
 from cvlab.utils.console import config_tree, console, metrics_table
 from cvlab.utils.errors import UserError
 
@@ -45,6 +53,7 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     """Trains per ``cfg``; returns (final metrics, {"task", "datamodule", "trainer"})."""
     import pytorch_lightning as pl
 
+    quiet_lightning()
     out = output_dir(cfg)
     say_run_dir(out, "start")
     if cfg.resume and not Path(str(cfg.resume)).expanduser().is_file():
@@ -66,20 +75,27 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     metrics.update(epochs=trainer.current_epoch, train_time_s=round(train_time, 2),
                    params=sum(p.numel() for p in task.model.parameters()))
     if trainer.is_global_zero:
-        write_json(out / "metrics.json", {**metrics, "best_ckpt": best})
+        report = getattr(task, "report", {})
+        write_json(out / "metrics.json", {**metrics, "best_ckpt": best,
+                                          **({"ap_per_class": report["ap_per_class"]} if report else {})})
         write_run_plots(task, out)
         console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint)"))
+        if report:
+            console.print(metrics_table(report["ap_per_class"], title="AP@[.5:.95] per class"))
         say_run_dir(out, "end")
     return metrics, {"task": task, "datamodule": datamodule, "trainer": trainer}
 
 
 def write_run_plots(task, out: Path) -> None:
-    from cvlab.utils.plots import plot_confusion_matrix, plot_curves
+    from cvlab.utils.plots import plot_confusion_matrix, plot_curves, plot_pr_curves
 
     plot_curves(out / "results.csv", out / "curves.png")
     confusion = getattr(task, "confusion", None)
     if confusion is not None:
         plot_confusion_matrix(confusion.compute().cpu().numpy(), task.class_names, out / "confusion_matrix.png")
+    report = getattr(task, "report", {})
+    if report.get("pr_curves"):
+        plot_pr_curves(report["pr_curves"], report["ap_per_class"], out / "pr_curves.png")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -13,7 +13,7 @@ from torch import nn
 from cvlab.utils.schedules import PLAN_KEYS
 
 # Keys of a model config that describe it rather than parameterise its constructor.
-MODEL_META_KEYS = ("name", "task")
+MODEL_META_KEYS = ("name", "task", "multiscale")
 
 
 def build_model(model: dict, norm: dict, activation: dict, attention: dict, init: dict, **data_kwargs) -> nn.Module:

@@ -65,3 +65,20 @@ def plot_curves(results_csv: Path, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_pr_curves(curves: dict[str, dict], ap_per_class: dict[str, float], path: Path) -> None:
+    """Precision against recall at IoU 0.5, one line per class (COCOeval's 101-point interpolated curves)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, curve in curves.items():
+        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP {ap_per_class.get(name, float('nan')):.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("precision-recall at IoU 0.5")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

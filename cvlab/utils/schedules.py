@@ -1,4 +1,9 @@
-"""Learning-rate schedules torch does not ship: linear warm-up followed by cosine decay, stepped per batch."""
+"""Cosine learning-rate schedule with optional linear warm-up, in closed form.
+
+torch's CosineAnnealingLR updates the rate recursively from its current value, so a run resumed with more
+epochs (after the rate reached 0) can never climb back onto the new plan; this one computes the factor from the
+step index alone. torch ships no warm-up + cosine schedule either.
+"""
 from __future__ import annotations
 
 import math
@@ -13,7 +18,7 @@ class WarmupCosineLR(LRScheduler):
     The factor depends only on the step index, so a resumed run with a larger ``total_steps`` simply re-plans.
     """
 
-    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05, last_epoch: int = -1):
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.0, last_epoch: int = -1):
         if total_steps is None or total_steps < 1:
             raise ValueError("WarmupCosineLR needs total_steps >= 1")
         self.total_steps = int(total_steps)

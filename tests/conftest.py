@@ -1,0 +1,41 @@
+"""Shared fixtures: compose a train config in-process with a temporary run directory, and run the real CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+CVLAB = [sys.executable, "-m", "cvlab.cli"]
+
+# A quiet, tiny, CPU-only training run.
+FAST = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
+        "data.batch_size=16"]
+
+
+@pytest.fixture
+def train_cfg(tmp_path):
+    """compose("train", overrides) with the run directory in tmp_path."""
+    from cvlab.utils.config import compose
+
+    def make(*overrides: str, out: Path | None = None):
+        return compose("train", [*FAST, *overrides, f"paths.output_dir={out or tmp_path / 'run'}"])
+
+    return make
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Runs `cvlab ARGS` in a fresh working directory; returns the CompletedProcess."""
+
+    def run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, "CVLAB_RUNS": str((cwd or tmp_path) / "runs"), "COLUMNS": "200"}
+        return subprocess.run([*CVLAB, *args], cwd=cwd or tmp_path, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run

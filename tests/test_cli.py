@@ -1,0 +1,76 @@
+"""The command line as a user types it: help speed, one-line errors with exit code 2, nothing left behind."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def test_help_is_fast_and_lists_every_command():
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "cvlab.cli", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0
+    for command in ("train", "eval", "sweep", "list", "info", "smoke"):
+        assert command in result.stdout
+    assert elapsed < 1.0, f"cvlab --help took {elapsed:.2f}s"
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, cvlab.cli; assert 'torch' not in sys.modules and 'hydra' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train", "model=resnt50"], "unknown model option 'resnt50'. Did you mean resnet50"),
+        (["train", "optimizer.lrr=0.1"], "unknown key 'optimizer.lrr'. Did you mean optimizer.lr"),
+        (["train", "trainer.max_epochs=abc"], "trainer.max_epochs expects an integer, got 'abc'"),
+        (["train", "optimizer.lr=fast"], "optimizer.lr expects a number, got 'fast'"),
+        (["sweep", "optimizer=sgd,adm"], "unknown optimizer option 'adm'. Did you mean adam"),
+        (["train", "norm=batchnorm"], "unknown norm option 'batchnorm'"),
+        (["train", "modle=resnet50"], "unknown key 'modle'. Did you mean model"),
+        (["eval", "ckpt=missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+        (["eval"], "eval needs a checkpoint"),
+        (["train", "resume=missing.ckpt", "trainer=debug"], "resume checkpoint 'missing.ckpt' does not exist"),
+        (["list", "modle"], "unknown group 'modle'. Did you mean model"),
+        (["info", "model=resnet5"], "Did you mean resnet50"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_no_run_dir(cli, tmp_path, args, expected):
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1, result.stderr
+    assert error_lines[0].startswith("error: ")
+    assert expected in error_lines[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+    leftovers = [p for p in (tmp_path / "runs").rglob("*") if p.is_dir()] if (tmp_path / "runs").exists() else []
+    assert not any(p.parent.name == "resnet18" for p in leftovers), leftovers
+
+
+def test_data_errors_leave_no_run_directory(cli, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("train", "data=imagefolder", f"data.root={empty}", "trainer=debug")
+    assert result.returncode == 2
+    assert f"no images found under {empty}" in result.stderr
+    assert not list((tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else True
+
+
+def test_list_describes_every_option(cli):
+    result = cli("list", "optimizer")
+    assert result.returncode == 0
+    for option in ("sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw"):
+        assert f" {option} " in result.stdout
+    assert "Nesterov" in result.stdout and "decoupled weight decay" in result.stdout
+
+
+def test_cfg_job_passes_through_to_hydra(cli):
+    result = cli("train", "model=resnet34", "optimizer=nesterov", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "name: resnet34" in result.stdout and "nesterov: true" in result.stdout
