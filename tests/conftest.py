@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 CVLAB = [sys.executable, "-m", "cvlab.cli"]
 
 # A quiet, tiny, CPU-only training run.
-FAST = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
+FAST = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
         "data.batch_size=16"]
 
 

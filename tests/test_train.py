@@ -112,7 +112,7 @@ def test_resume_with_more_epochs_replans_the_schedule(train_cfg, tmp_path):
 
 def test_sweep_prints_and_writes_a_sorted_leaderboard(cli, tmp_path):
     result = cli("sweep", "trainer=debug", "optimizer=sgd,adam", "logger=none", "data.batch_size=16",
-                 "~callbacks.progress_bar", "+trainer.enable_progress_bar=false")
+                 "~callbacks.progress_bar", "trainer.enable_progress_bar=false")
     assert result.returncode == 0, result.stderr[-2000:]
     (board,) = (tmp_path / "runs" / "classification" / "sweeps").glob("*/leaderboard.csv")
     rows = read_csv(board)

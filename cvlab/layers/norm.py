@@ -82,6 +82,16 @@ def layer_norm(num_channels: int, eps: float = 1e-5, affine: bool = True) -> nn.
     return nn.GroupNorm(1, num_channels, eps, affine)
 
 
+def instance_norm(num_channels: int, eps: float = 1e-5, affine: bool = True) -> nn.GroupNorm:
+    """Ulyanov et al.'s InstanceNorm: statistics per sample and channel over (H, W), with a per-channel affine.
+
+    Built as GroupNorm with one channel per group, which computes exactly that. ``nn.InstanceNorm2d`` refuses a
+    1×1 feature map in training, which the deepest stage of a CNN reaches on small inputs (8×8 digits); GroupNorm
+    returns the affine bias there, the limit of the same formula.
+    """
+    return nn.GroupNorm(num_channels, num_channels, eps, affine)
+
+
 def no_norm(num_channels: int) -> nn.Identity:
     """``norm=none``: the layer stays in the model but leaves its input unchanged."""
     return nn.Identity()
@@ -165,7 +175,7 @@ _NORMS: dict[str, Callable[..., nn.Module] | None] = {
     "default": None,
     "bn": nn.BatchNorm2d,
     "ln": layer_norm,
-    "in": functools.partial(nn.InstanceNorm2d, affine=True, track_running_stats=False),
+    "in": instance_norm,
     "gn": group_norm,
     "sn": SwitchableNorm2d,
     "none": no_norm,

@@ -22,7 +22,7 @@ def smoke_overrides(name: str, task: str, steps: int, out_dir: str) -> list[str]
         f"model={name}", f"task={task}", *SMOKE_OVERRIDES.get(task, []),
         "trainer=debug", f"trainer.limit_train_batches={steps}", f"trainer.limit_val_batches={steps}",
         "trainer.enable_checkpointing=false", "~callbacks.model_checkpoint", "~callbacks.last_checkpoint", "~callbacks.progress_bar",
-        "+trainer.enable_progress_bar=false", "logger=none", f"paths.output_dir={out_dir}",
+        "trainer.enable_progress_bar=false", "logger=none", f"paths.output_dir={out_dir}",
     ]
 
 

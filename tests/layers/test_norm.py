@@ -53,7 +53,7 @@ def test_every_name_builds_and_preserves_shape(name, batch):
 
 
 @pytest.mark.parametrize(
-    "name, cls, params", [("bn", nn.BatchNorm2d, 12), ("ln", nn.GroupNorm, 12), ("in", nn.InstanceNorm2d, 12),
+    "name, cls, params", [("bn", nn.BatchNorm2d, 12), ("ln", nn.GroupNorm, 12), ("in", nn.GroupNorm, 12),
                           ("gn", nn.GroupNorm, 12), ("sn", SwitchableNorm2d, 12 + 6), ("none", nn.Identity, 0)]
 )
 def test_layer_types_and_parameter_counts(name, cls, params):
@@ -71,10 +71,20 @@ def test_layer_norm_is_per_sample_over_chw(batch):
 
 def test_instance_norm_is_per_sample_per_channel(batch):
     layer = get_norm_layer("in")(6)
-    assert layer.affine and not layer.track_running_stats
+    assert layer.affine and layer.num_groups == 6
     out = layer(batch).flatten(2)
     torch.testing.assert_close(out.mean(2), torch.zeros(4, 6), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.var(2, unbiased=False), torch.ones(4, 6), atol=1e-3, rtol=0)
+    reference = nn.InstanceNorm2d(6, affine=True, track_running_stats=False)
+    torch.testing.assert_close(layer(batch), reference(batch), atol=1e-5, rtol=0)
+
+
+def test_instance_norm_trains_on_a_one_by_one_map():
+    layer = get_norm_layer("in")(6)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(6.0))
+    out = layer(torch.randn(4, 6, 1, 1))
+    torch.testing.assert_close(out, torch.arange(6.0).view(1, 6, 1, 1).expand(4, 6, 1, 1), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("channels, num_groups, expected", [(64, 32, 32), (24, 32, 24), (48, 32, 24), (3, 32, 3),
