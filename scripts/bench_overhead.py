@@ -4,9 +4,12 @@ Both legs train the same model on the same data from the same seed with the same
 
 * **cvlab**: the ``train`` config composed in-process and run through ``cvlab.run.train.run_train`` (the path
   ``cvlab train`` takes), with a small callback that records the loss of every optimizer step and the weights the
-  fit starts from. The timed leg ("cvlab lean") turns off what a benchmark does not need: every callback
-  (checkpoints, results.csv, RNG state, lr monitor, progress bar), the logger, the progress bar and checkpointing.
-  A second leg ("cvlab defaults") keeps ``callbacks=default`` and ``logger=tensorboard``, as ``cvlab train`` runs.
+  fit starts from. The leg the issue's ratio is taken on ("cvlab lean") turns off what a benchmark does not need:
+  every callback (checkpoints, results.csv, RNG state, lr monitor, progress bar), the logger, the progress bar and
+  checkpointing. What the task itself does per batch stays and counts as cvlab's overhead: ``self.log`` calls, the
+  training accuracy, and validation accuracy, macro-F1 and confusion matrix. A second leg ("cvlab defaults") keeps
+  ``callbacks=default`` and ``logger=tensorboard``, as ``cvlab train`` runs (its progress bar draws into a discarded
+  stdout, which is not a terminal, so rich prints no live frames).
 * **plain**: ``pl.seed_everything`` then the same datamodule and ``build_model`` call in the same order as
   ``run_train`` (so the initial weights come out identical, which is checked), a fresh ``torch.utils.data.DataLoader``
   over the datamodule's own train dataset and epoch-seeded sampler (same batch size, same ``drop_last``,
@@ -40,6 +43,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
@@ -58,8 +62,9 @@ LOSS_TOLERANCE = 1e-5  # ... to this absolute difference
 RATIO_LIMIT = 1.10  # cvlab's fit may take at most 10% longer than the plain loop
 
 # Everything that is not the training itself: no callbacks, no logger, no progress bar, no checkpoint files.
-LEAN_OVERRIDES = ["~callbacks", "logger=none", "+trainer.enable_progress_bar=false",
-                  "+trainer.enable_checkpointing=false"]
+# ("++" sets a trainer key whether or not the trainer group already has it.)
+LEAN_OVERRIDES = ["~callbacks", "logger=none", "++trainer.enable_progress_bar=false",
+                  "++trainer.enable_checkpointing=false"]
 DEFAULT_OVERRIDES = ["callbacks=default", "logger=tensorboard"]
 LEGS = ("cvlab lean", "plain", "cvlab defaults")
 
@@ -105,8 +110,8 @@ def max_loss_difference(a: list[float], b: list[float], steps: int = COMPARED_ST
 
 
 def train_overrides(model: str, data: str, optimizer: str, epochs: int, steps: int | None,
-                    val_steps: int | None, extra: list[str] = ()) -> list[str]:
-    """The overrides both legs share: model, data, optimizer, constant lr, epochs and batch limits."""
+                    val_steps: int | None, extra: Sequence[str] = ()) -> list[str]:
+    """The overrides both legs share: model, data, optimizer, constant lr, epochs and batch limits (0 or None: all)."""
     limits = [f"trainer.limit_train_batches={steps}"] if steps else []
     limits += [f"trainer.limit_val_batches={val_steps}"] if val_steps else []
     return [f"model={model}", f"data={data}", f"optimizer={optimizer}", "scheduler=none",
@@ -180,7 +185,7 @@ def validate(model: nn.Module, loader: DataLoader, criterion: nn.Module, batches
 
 def run_plain(overrides: list[str]) -> LegRun:
     """The hand-written loop: the same seed, weights, batches, optimizer and validation passes as ``run_cvlab``."""
-    cfg = compose("train", [*overrides, f"paths.output_dir={tempfile.gettempdir()}"])
+    cfg = compose("train", [*overrides, f"paths.output_dir={tempfile.gettempdir()}"])  # nothing is written there
     if (to_plain(cfg.scheduler) or {}).get("scheduler"):
         raise ValueError("the plain loop keeps a constant learning rate; compose with scheduler=none")
     # run_train's order: seed, datamodule, model; nothing between draws from the global RNG.
@@ -190,7 +195,8 @@ def run_plain(overrides: list[str]) -> LegRun:
     model = build_model(to_plain(cfg.model), to_plain(cfg.norm), to_plain(cfg.activation), to_plain(cfg.attention),
                         to_plain(cfg.init), num_classes=info["num_classes"], in_chans=info["in_chans"],
                         img_size=info["image_size"])
-    cvlab_loader = datamodule.train_dataloader()  # for its sampler, batch size and drop_last only
+    # cvlab's loaders give the datasets, sampler, batch size and drop_last; the loop iterates loaders of its own.
+    cvlab_loader, cvlab_val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
     sampler = cvlab_loader.sampler
     device = _device(cfg)
     trainer_cfg = cfg.trainer
@@ -209,12 +215,13 @@ def run_plain(overrides: list[str]) -> LegRun:
     # (which augmentations use).
     train_loader = DataLoader(cvlab_loader.dataset, batch_size=cvlab_loader.batch_size, sampler=sampler,
                               drop_last=cvlab_loader.drop_last, pin_memory=pin, generator=cvlab_loader.generator)
-    val_loader = DataLoader(datamodule.split.val, batch_size=cvlab_loader.batch_size, pin_memory=pin,
+    val_loader = DataLoader(cvlab_val_loader.dataset, batch_size=cvlab_val_loader.batch_size, pin_memory=pin,
                             generator=torch.Generator().manual_seed(cfg.seed))
     train_batches = batch_limit(trainer_cfg.limit_train_batches, train_loader)
     val_batches = batch_limit(trainer_cfg.limit_val_batches, val_loader)
+    sanity = trainer_cfg.num_sanity_val_steps
     losses = []
-    validate(model, val_loader, criterion, min(trainer_cfg.num_sanity_val_steps, val_batches), device)
+    validate(model, val_loader, criterion, val_batches if sanity == -1 else min(sanity, val_batches), device)
     for epoch in range(trainer_cfg.max_epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -234,7 +241,6 @@ def run_plain(overrides: list[str]) -> LegRun:
 def run_leg(leg: str, overrides: list[str]) -> LegRun:
     if leg == "plain":
         return run_plain(overrides)
-    # The defaults leg's progress bar renders into a discarded stdout (not a terminal: rich prints no live frames).
     with open(os.devnull, "w") as discard, contextlib.redirect_stdout(discard):
         return run_cvlab([*overrides, *(LEAN_OVERRIDES if leg == "cvlab lean" else DEFAULT_OVERRIDES)], leg)
 
@@ -254,7 +260,8 @@ def benchmark(overrides: list[str], repeats: int, warmup_overrides: list[str] | 
 
 
 def summarise(runs: dict[str, list[LegRun]], steps: int = COMPARED_STEPS) -> dict:
-    """Medians, ratios to the plain loop, and the loss / initial-weight agreement of every run with the first plain one."""
+    """Medians, ratios to the plain loop, and how every run's losses and initial weights agree with the first plain
+    run's."""
     reference = runs["plain"][0]
     plain_wall = statistics.median(r.wall_s for r in runs["plain"])
     plain_cpu = statistics.median(r.cpu_s for r in runs["plain"])
@@ -283,15 +290,13 @@ def summarise(runs: dict[str, list[LegRun]], steps: int = COMPARED_STEPS) -> dic
 def print_summary(summary: dict, title: str) -> None:
     from rich.table import Table
 
-    steps = summary["compared_steps"]
     table = Table(title=title, title_justify="left")
-    for column in ("leg", "wall s", "×plain", "wall range", "cpu s", "×plain", f"max|Δloss| ≤{steps}", "max|Δw0|"):
-        table.add_column(column, justify="left" if column == "leg" else "right", no_wrap=True)
+    for column in ("leg", "wall s", "range", "×plain", "cpu s", "×plain", "Δloss", "Δw0"):
+        table.add_column(column, justify="left" if column == "leg" else "right", no_wrap=column == "leg")
     for leg, row in summary["legs"].items():
-        table.add_row(leg, f"{row['median_s']:.2f}", f"{row['ratio_to_plain']:.3f}",
-                      f"{min(row['walls_s']):.2f}–{max(row['walls_s']):.2f}", f"{row['median_cpu_s']:.2f}",
-                      f"{row['cpu_ratio_to_plain']:.3f}", f"{row['max_loss_diff']:.1e}",
-                      f"{row['max_initial_weight_diff']:.0e}")
+        table.add_row(leg, f"{row['median_s']:.2f}", f"{min(row['walls_s']):.1f}-{max(row['walls_s']):.1f}",
+                      f"{row['ratio_to_plain']:.3f}", f"{row['median_cpu_s']:.2f}", f"{row['cpu_ratio_to_plain']:.3f}",
+                      f"{row['max_loss_diff']:.0e}", f"{row['max_initial_weight_diff']:.0e}")
     console.print(table)
     for ok, text in checks(summary):
         console.print(f"{'[green]pass' if ok else '[red]FAIL'}[/] {text}", highlight=False)
@@ -300,12 +305,14 @@ def print_summary(summary: dict, title: str) -> None:
 def checks(summary: dict) -> list[tuple[bool, str]]:
     """The issue's three conditions, each with its one-line description."""
     legs = summary["legs"]
+    weight_diff = max(row["max_initial_weight_diff"] for row in legs.values())
+    loss_diff = max(row["max_loss_diff"] for row in legs.values())
     ratio = legs["cvlab lean"]["ratio_to_plain"]
     return [
-        (all(row["max_initial_weight_diff"] == 0 for row in legs.values()), "initial weights identical in every run"),
-        (all(row["max_loss_diff"] <= LOSS_TOLERANCE for row in legs.values()),
-         f"first {summary['compared_steps']} losses of every run within {LOSS_TOLERANCE:g} of the plain loop"),
-        (ratio <= RATIO_LIMIT, f"cvlab lean / plain = {ratio:.3f} (limit {RATIO_LIMIT})"),
+        (weight_diff == 0, f"initial weights identical in every run (max |Δw0| = {weight_diff:.1e})"),
+        (loss_diff <= LOSS_TOLERANCE, f"first {summary['compared_steps']} losses of every run agree with the plain "
+                                      f"loop's: max |Δloss| = {loss_diff:.1e} (limit {LOSS_TOLERANCE:g})"),
+        (ratio <= RATIO_LIMIT, f"cvlab lean / plain wall time = {ratio:.3f} (limit {RATIO_LIMIT})"),
     ]
 
 
@@ -319,7 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="training batches per epoch, 0 for all")
     parser.add_argument("--val-steps", type=int, default=0, help="validation batches per pass, 0 for all")
     parser.add_argument("--repeats", type=int, default=6, help="timed runs of each leg; medians are compared")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch.set_num_threads; use 1 on a busy machine, where two threads wait on each other")
     parser.add_argument("--compare-steps", type=int, default=COMPARED_STEPS, help="leading step losses compared")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each leg")
     parser.add_argument("--json", metavar="PATH", help="also write the summary here")
@@ -353,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                    load_average_before=load_before, load_average_after=os.getloadavg(), cpu_count=os.cpu_count())
     steps = summary["legs"]["plain"]["steps"]
     print_summary(summary, f"{args.model} on {args.data}: {steps} steps in {args.epochs} epoch(s), {args.repeats} "
-                           f"repeat(s), {args.threads} thread(s); load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+                           f"repeat(s), {args.threads} thread(s); load average {load_before[0]:.2f} -> "
+                           f"{summary['load_average_after'][0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2, default=float)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from hydra.utils import instantiate
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from cvlab.tasks.base import BaseTask
@@ -22,6 +22,7 @@ class ClassificationTask(BaseTask):
             "f1": MulticlassF1Score(num_classes, average="macro"),
         }, prefix="val/")
         self.confusion = MulticlassConfusionMatrix(num_classes)
+        self.val_loss = MeanMetric()  # one log call per epoch instead of one per batch (Lightning's log is not free)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -30,7 +31,7 @@ class ClassificationTask(BaseTask):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        self.train_acc(logits, labels)
+        self.train_acc.update(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
@@ -38,13 +39,14 @@ class ClassificationTask(BaseTask):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.log("val/loss", self.criterion(logits, labels), prog_bar=True, batch_size=len(labels))
+        self.val_loss.update(self.criterion(logits, labels), weight=len(labels))
         self.val_metrics.update(logits, labels)
         self.confusion.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.log_dict({"val/loss": self.val_loss.compute(), **self.val_metrics.compute()}, prog_bar=True)
         self.val_metrics.reset()
+        self.val_loss.reset()
 
     def on_validation_epoch_start(self) -> None:
         # The matrix always describes the latest validation pass.
