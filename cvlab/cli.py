@@ -68,6 +68,20 @@ def complete_task(overrides: list[str]) -> list[str]:
     return extra + overrides
 
 
+# `cvlab distill teacher=resnet50 student=mobilenetv2`: the two model slots of distill.yaml (`model@teacher`).
+DISTILL_SLOTS = ("teacher", "student")
+
+
+def distill_overrides(overrides: list[str]) -> list[str]:
+    """`teacher=NAME` / `student=NAME` choose a model for that slot: Hydra spells it `model@teacher=NAME`."""
+    return [f"model@{o.lstrip('+')}" if o.lstrip("+").partition("=")[0] in DISTILL_SLOTS else o for o in overrides]
+
+
+def _mentions_distill(overrides: list[str]) -> bool:
+    heads = {o.lstrip("+~").partition("=")[0].split(".")[0] for o in overrides}
+    return bool(heads & {"distill", *DISTILL_SLOTS, *(f"model@{slot}" for slot in DISTILL_SLOTS)})
+
+
 def _check(config_name: str, overrides: list[str]):
     from cvlab.utils.config import check_overrides
     from cvlab.utils.console import fail
@@ -86,6 +100,8 @@ def launch(command: str, config_name: str, entry: str, args: list[str], multirun
     flags, overrides = _split(args)
     if config_name == "train":
         overrides = complete_task(overrides)
+    elif config_name == "distill":
+        overrides = distill_overrides(overrides)
     _check(config_name, overrides)
     if multirun and not {"-m", "--multirun"} & set(flags):
         flags.insert(0, "--multirun")
@@ -104,29 +120,67 @@ def train(ctx: typer.Context) -> None:
     launch("train", "train", "train", ctx.args)
 
 
+def _require_checkpoint(command: str, overrides: list[str]) -> None:
+    """No ckpt=, or one that does not exist, is answered in one line before Hydra makes a run directory."""
+    from pathlib import Path
+
+    from cvlab.utils.console import fail
+
+    ckpt = _choice(overrides, "ckpt")
+    if ckpt is None:
+        fail(f"{command} needs a checkpoint: cvlab {command} ckpt=runs/<task>/<model>/<time>/weights/best.ckpt")
+    if not Path(ckpt).expanduser().is_file():
+        fail(f"checkpoint {ckpt!r} does not exist; runs keep theirs in runs/<task>/<model>/<time>/weights/.")
+
+
 @app.command(name="eval", context_settings=PASS_THROUGH)
 def evaluate(ctx: typer.Context) -> None:
     """Evaluate a checkpoint: cvlab eval ckpt=runs/.../weights/best.ckpt [data=...]; writes eval.json."""
-    args = ctx.args
-    _, overrides = _split(args)
-    ckpt = _choice(overrides, "ckpt")
-    if ckpt is None:
-        from cvlab.utils.console import fail
+    _require_checkpoint("eval", _split(ctx.args)[1])
+    launch("eval", "eval", "eval", ctx.args)
 
-        fail("eval needs a checkpoint: cvlab eval ckpt=runs/<task>/<model>/<time>/weights/best.ckpt")
+
+@app.command(context_settings=PASS_THROUGH)
+def predict(ctx: typer.Context) -> None:
+    """Run a checkpoint on images: cvlab predict ckpt=runs/.../weights/best.ckpt source=DIR|FILE [conf=0.25]
+
+    Writes runs/<task>/<model>/<time>/predict/<time>/: a drawn copy of each image (detection: boxes, classes,
+    scores above conf; classification: the best class) and predictions.json (detection: COCO results format,
+    boxes [x, y, w, h] in original pixels; classification: the top_k classes with probabilities).
+    Examples: cvlab predict ckpt=runs/detection/yolov3/<time>/weights/best.ckpt source=images/ conf=0.4
+    """
     from pathlib import Path
 
-    if not Path(ckpt).expanduser().is_file():
-        from cvlab.utils.console import fail
+    from cvlab.utils.console import fail
 
-        fail(f"checkpoint {ckpt!r} does not exist; runs keep theirs in runs/<task>/<model>/<time>/weights/.")
-    launch("eval", "eval", "eval", args)
+    _, overrides = _split(ctx.args)
+    _require_checkpoint("predict", overrides)
+    source = _choice(overrides, "source")
+    if source is None:
+        fail("predict needs images: cvlab predict ckpt=... source=FOLDER_OR_IMAGE")
+    if not Path(source).expanduser().exists():
+        fail(f"source {source!r} does not exist; give an image file or a folder of images.")
+    launch("predict", "predict", "predict", ctx.args)
 
 
 @app.command(context_settings=PASS_THROUGH)
 def sweep(ctx: typer.Context) -> None:
-    """Grid over comma-separated options, then a leaderboard: cvlab sweep optimizer=sgd,adam norm=bn,gn"""
-    launch("sweep", "train", "train", ctx.args, multirun=True)
+    """Grid over comma-separated options, then a leaderboard: cvlab sweep optimizer=sgd,adam norm=bn,gn
+
+    Overrides of distill.*, teacher or student sweep distillations: cvlab sweep distill.temperature=1,2,4,8
+    """
+    config = "distill" if _mentions_distill(_split(ctx.args)[1]) else "train"
+    launch("sweep", config, config, ctx.args, multirun=True)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def distill(ctx: typer.Context) -> None:
+    """Knowledge distillation: train (or load) a teacher, then a student with and without its soft targets.
+
+    Examples: cvlab distill teacher=resnet50 student=mobilenetv2 | cvlab distill distill.temperature=8 |
+    cvlab distill teacher.ckpt=runs/.../weights/best.ckpt distill.kind=semi_supervised distill.labeled_fraction=0.1
+    """
+    launch("distill", "distill", "distill", ctx.args)
 
 
 @app.command(name="list")
@@ -161,6 +215,28 @@ def info(ctx: typer.Context) -> None:
 
     try:
         run_info(cfg)
+    except UserError as error:
+        fail(str(error))
+
+
+@app.command(context_settings=PASS_THROUGH)
+def anchors(ctx: typer.Context) -> None:
+    """Anchors for a dataset: cvlab anchors data=... [model=yolov3] [n=9]
+
+    k-means over the training boxes' sizes with distance 1 - IoU (YOLOv2's dimension clusters); prints the anchors
+    and their mean best IoU beside the model's own. n defaults to the model's number of anchors (yolov2: 5,
+    yolov3: 9, yolov3_tiny: 6); boxes are measured at data.img_size. Train with the result via
+    model.anchors=[[w,h],...] or let training cluster: model.anchors=auto.
+    Examples: cvlab anchors | cvlab anchors data=coco data.root=~/data/coco model=yolov2
+    """
+    from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+
+    cfg = _check("anchors", _split(ctx.args)[1])
+    from cvlab.run.anchors import run_anchors
+
+    try:
+        run_anchors(cfg)
     except UserError as error:
         fail(str(error))
 

@@ -13,22 +13,32 @@ from cvlab.utils.console import console, metrics_table
 from cvlab.utils.errors import UserError
 
 
+def restore_task(ckpt: Path):
+    """The task saved in ``ckpt``, or a UserError saying what is wrong with the file."""
+    import pickle
+
+    from cvlab.tasks.base import load_task
+
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint {str(ckpt)!r} does not exist; runs keep theirs in "
+                        "runs/<task>/<model>/<time>/weights/.")
+    try:
+        return load_task(str(ckpt))
+    except (KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        reason = " ".join(str(error).split())  # one line, whatever the loader wrote
+        raise UserError(f"{ckpt} is not a cvlab checkpoint ({type(error).__name__}: {reason}).") from None
+
+
 def run_eval(cfg: DictConfig) -> tuple[dict, dict]:
     from hydra.utils import instantiate
 
     from cvlab.run.train import write_run_plots
-    from cvlab.tasks.base import load_task
 
     quiet_lightning()
     ckpt = Path(str(cfg.ckpt)).expanduser()
-    if not ckpt.is_file():
-        raise UserError(f"checkpoint {str(ckpt)!r} does not exist; runs keep theirs in runs/<task>/<model>/<time>/weights/.")
+    task = restore_task(ckpt)
     out = output_dir(cfg)
     say_run_dir(out, "start")
-    try:
-        task = load_task(str(ckpt))
-    except (KeyError, RuntimeError, EOFError) as error:
-        raise UserError(f"{ckpt} is not a cvlab checkpoint ({type(error).__name__}: {error}).") from None
     data_cfg = cfg.data if cfg.get("data") is not None else OmegaConf.create(task.hparams.data)
     datamodule = instantiate(data_cfg, seed=cfg.seed)
     info = datamodule.info
@@ -41,9 +51,12 @@ def run_eval(cfg: DictConfig) -> tuple[dict, dict]:
     scores = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     metrics = {key: float(value) for key, value in scores.items()}
     metrics.update(ckpt=str(ckpt), data=str(data_cfg.name))
-    write_json(out / "eval.json", metrics)
+    report = getattr(task, "report", {})
+    write_json(out / "eval.json", {**metrics, **({"ap_per_class": report["ap_per_class"]} if report else {})})
     write_run_plots(task, out)
     console.print(metrics_table(metrics, title=f"eval of {ckpt.name} on {data_cfg.name}"))
+    if report:
+        console.print(metrics_table(report["ap_per_class"], title="AP@[.5:.95] per class"))
     say_run_dir(out, "end")
     return metrics, {"task": task}
 

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from cvlab.run.common import to_plain
 from cvlab.utils.console import console
+
+
+def shape_of(output) -> str:
+    """``CxHxW`` of one image's output; a detector body's list of level maps lists each."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return "x".join(map(str, output.shape[1:]))
+    if isinstance(output, (list, tuple)) and output and all(isinstance(o, torch.Tensor) for o in output):
+        return ", ".join(shape_of(o) for o in output)
+    return type(output).__name__
 
 
 def describe_model(model, in_chans: int, image_size: int) -> tuple[int, int, list[tuple[str, int, str, int]]]:
@@ -18,7 +28,7 @@ def describe_model(model, in_chans: int, image_size: int) -> tuple[int, int, lis
 
     def remember(name):
         def hook(_module, _inputs, output):
-            shapes[name] = "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor) else type(output).__name__
+            shapes[name] = shape_of(output)
         return hook
 
     handles = [child.register_forward_hook(remember(name)) for name, child in model.named_children()]
@@ -43,13 +53,12 @@ def describe_model(model, in_chans: int, image_size: int) -> tuple[int, int, lis
 def run_info(cfg: DictConfig) -> dict:
     from rich.table import Table
 
-    from cvlab.run.train import build_datamodule
-    from cvlab.tasks.base import build_model
+    from cvlab.run.train import build_datamodule, build_task
 
-    info = build_datamodule(cfg).info
-    model = build_model(to_plain(cfg.model), to_plain(cfg.norm), to_plain(cfg.activation), to_plain(cfg.attention),
-                        to_plain(cfg.init), num_classes=info["num_classes"], in_chans=info["in_chans"],
-                        img_size=info["image_size"])
+    datamodule = build_datamodule(cfg)
+    info = datamodule.info
+    # The task builds the model exactly as training would (each task passes its model the data sizes it takes).
+    model = build_task(cfg, info, getattr(datamodule, "train_set", None)).model
     params, flops, rows = describe_model(model, info["in_chans"], info["image_size"])
     size = info["image_size"]
     table = Table(title=f"{cfg.model.name}: {params:,} parameters, {flops / 1e9:.3f} GFLOPs at "

@@ -29,12 +29,20 @@ def build_datamodule(cfg: DictConfig):
     return datamodule
 
 
-def build_task(cfg: DictConfig, data_info: dict):
+def build_task(cfg: DictConfig, data_info: dict, train_set=None):
+    """The task of ``cfg``; ``model.anchors=auto`` becomes k-means anchors of ``train_set``'s boxes (stored as such)."""
     from hydra.utils import get_class
 
     task_class = get_class(cfg.task._target_)
     groups = ("model", "optimizer", "scheduler", "loss", "norm", "activation", "attention", "init", "data")
-    return task_class(data_info=data_info, **{group: to_plain(cfg.get(group)) for group in groups})
+    configs = {group: to_plain(cfg.get(group)) for group in groups}
+    if configs["model"].get("anchors") == "auto":
+        from cvlab.run.anchors import auto_anchors
+
+        if train_set is None:
+            raise UserError("model.anchors=auto needs the training set to cluster; give the anchors as a list")
+        configs["model"]["anchors"] = auto_anchors(configs["model"], train_set, data_info, cfg.seed)
+    return task_class(data_info=data_info, **configs)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks=()):
@@ -62,7 +70,7 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     console.print(config_tree(cfg))
-    task = build_task(cfg, datamodule.info)
+    task = build_task(cfg, datamodule.info, getattr(datamodule, "train_set", None))
     trainer = build_trainer(cfg, extra_callbacks)
 
     started = time.perf_counter()

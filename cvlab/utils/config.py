@@ -128,7 +128,7 @@ def check_overrides(config_name: str, overrides: list[str]):
                     raise UserError(f"unknown {key} option {str(value)!r}.{suggest(str(value), options(key), key)} "
                                     f"`cvlab list {key}` shows all {len(options(key))}.")
     try:
-        base = compose(config_name, [o for o in _first_values(parsed) if "=" in o and o.split("=")[0].lstrip("+~") in group_names])
+        base = compose(config_name, [o for o in _first_values(parsed) if "=" in o and o.split("=")[0].lstrip("+~").split("@")[0] in group_names])
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(_first_line(error)) from None
     for override in parsed:

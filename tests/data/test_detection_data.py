@@ -2,12 +2,10 @@
 keeps boxes on their objects, collate and the datamodule follow the detection contract."""
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torchvision import tv_tensors
 
@@ -15,69 +13,8 @@ from cvlab.data.detection import (CocoDataset, DetectionDataModule, Letterbox, V
                                   detection_collate, detection_transforms, unletterbox_boxes, voc_class_names)
 from cvlab.data.shapes import SHAPE_CLASSES, draw_scene
 from cvlab.utils.errors import UserError
-
-COCO_CATEGORY_IDS = [3, 7, 11, 20, 42]  # not contiguous, to exercise the id -> label mapping
-
-
-def _scenes() -> list[tuple[str, Image.Image, np.ndarray, np.ndarray]]:
-    """Three shape scenes, pasted at (8, 0) on 80 x 64 canvases so the images are not square."""
-    scenes = []
-    for i, labels in enumerate([[0, 1], [2, 3, 4], [4, 1]]):  # every class, so VOC's discovery finds all five
-        scene = draw_scene(np.random.default_rng(100 + i), 64, labels=labels)
-        assert scene.labels.tolist() == labels
-        canvas = Image.new("RGB", (80, 64), (30, 30, 30))
-        canvas.paste(scene.image, (8, 0))
-        scenes.append((f"img{i}", canvas, scene.boxes + np.float32([8, 0, 8, 0]), scene.labels))
-    return scenes
-
-
-def _write_coco(root: Path, split: str, scenes) -> None:
-    (root / split).mkdir(parents=True)
-    (root / "annotations").mkdir(exist_ok=True)
-    images, annotations = [], []
-    for image_id, (stem, image, boxes, labels) in enumerate(scenes, start=1):
-        image.save(root / split / f"{stem}.png")
-        images.append({"id": image_id, "file_name": f"{stem}.png", "width": image.width, "height": image.height})
-        for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0,
-                                "category_id": COCO_CATEGORY_IDS[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": (x2 - x1) * (y2 - y1)})
-    # Categories listed out of id order: the reader must sort them.
-    categories = [{"id": cid, "name": name} for cid, name in zip(COCO_CATEGORY_IDS, SHAPE_CLASSES)][::-1]
-    (root / "annotations" / f"instances_{split}.json").write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-
-
-def _write_voc(root: Path, split: str, scenes) -> None:
-    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for stem, image, boxes, labels in scenes:
-        image.save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
-        objects = "".join(
-            f"<object><name>{SHAPE_CLASSES[label]}</name><difficult>0</difficult><bndbox>"
-            f"<xmin>{int(x1) + 1}</xmin><ymin>{int(y1) + 1}</ymin><xmax>{int(x2)}</xmax><ymax>{int(y2)}</ymax>"
-            f"</bndbox></object>"
-            for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()))
-        (root / "Annotations" / f"{stem}.xml").write_text(
-            f"<annotation><filename>{stem}.jpg</filename><size><width>{image.width}</width>"
-            f"<height>{image.height}</height><depth>3</depth></size>{objects}</annotation>")
-    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{s[0]}\n" for s in scenes))
-
-
-def _write_yolo(root: Path, split: str, scenes) -> None:
-    (root / "images" / split).mkdir(parents=True)
-    (root / "labels" / split).mkdir(parents=True)
-    for stem, image, boxes, labels in scenes:
-        image.save(root / "images" / split / f"{stem}.png")
-        w, h = image.size
-        lines = [f"{label} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
-                 for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist())]
-        (root / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + "\n")
-    yaml_path = root / "data.yaml"
-    config = yaml.safe_load(yaml_path.read_text()) if yaml_path.exists() else {
-        "path": ".", "names": dict(enumerate(SHAPE_CLASSES))}
-    config[split] = f"images/{split}"
-    yaml_path.write_text(yaml.safe_dump(config))
+from detection_files import (shape_scenes as _scenes, write_coco as _write_coco, write_voc as _write_voc,
+                             write_yolo as _write_yolo)
 
 
 @pytest.fixture(scope="module")
