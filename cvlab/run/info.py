@@ -24,27 +24,31 @@ def describe_model(model, in_chans: int, image_size: int) -> tuple[int, int, lis
     from torch.utils.flop_counter import FlopCounterMode
 
     model.eval()
+    counter = FlopCounterMode(display=False, depth=None)
     shapes: dict[str, str] = {}
+    flops: dict[str, int] = {}
 
-    def remember(name):
+    # FLOPs of a stage = the counter's total after its forward minus before: exact whatever wraps the stage.
+    def before(name):
+        def hook(_module, _inputs):
+            flops[name] = flops.get(name, 0) - counter.get_total_flops()
+        return hook
+
+    def after(name):
         def hook(_module, _inputs, output):
+            flops[name] += counter.get_total_flops()
             shapes[name] = shape_of(output)
         return hook
 
-    handles = [child.register_forward_hook(remember(name)) for name, child in model.named_children()]
-    counter = FlopCounterMode(display=False, depth=None)
+    handles = []
+    for name, child in model.named_children():
+        handles += [child.register_forward_pre_hook(before(name)), child.register_forward_hook(after(name))]
     with torch.no_grad(), counter:
         model(torch.zeros(1, in_chans, image_size, image_size))
     for handle in handles:
         handle.remove()
-    per_module = counter.get_flop_counts()
-    root = type(model).__name__
-
-    def flops_of(prefix: str) -> int:
-        return int(sum(per_module.get(prefix, {}).values()))
-
     rows = [
-        (name, sum(p.numel() for p in child.parameters()), shapes.get(name, "-"), flops_of(f"{root}.{name}"))
+        (name, sum(p.numel() for p in child.parameters()), shapes.get(name, "-"), int(flops.get(name, 0)))
         for name, child in model.named_children()
     ]
     return sum(p.numel() for p in model.parameters()), int(counter.get_total_flops()), rows

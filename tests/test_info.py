@@ -1,0 +1,30 @@
+"""`cvlab info`: exact parameter counts, FLOPs from torch's counter, a per-stage table that adds up."""
+from __future__ import annotations
+
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+from cvlab.run.info import run_info
+from cvlab.utils.config import check_overrides
+
+
+def test_info_resnet50_at_imagenet_size_matches_torchvision_exactly():
+    import torch
+
+    summary = run_info(check_overrides("train", ["model=resnet50", "data=synthetic"]))
+    assert summary["params"] == 25_557_032
+    reference = torchvision.models.resnet50().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        reference(torch.zeros(1, 3, 224, 224))
+    assert summary["flops"] == counter.get_total_flops()  # 8.18 GFLOPs: 2 x 4.09 G multiply-adds
+    assert sum(params for _, params, _, _ in summary["stages"]) == summary["params"]
+    assert sum(flops for _, _, _, flops in summary["stages"]) == summary["flops"]
+    shapes = {name: shape for name, _, shape, _ in summary["stages"]}
+    assert shapes["layer4"] == "2048x7x7" and shapes["fc"] == "1000"
+
+
+def test_info_on_the_embedded_default_uses_the_small_stem(cli):
+    result = cli("info", "model=resnet18")
+    assert result.returncode == 0, result.stderr
+    assert "11,172,810 parameters" in result.stdout  # 1 input channel, 10 classes, 3x3 stem
+    assert "1x8x8" in result.stdout
