@@ -25,8 +25,9 @@ beside it: on a shared machine it is less disturbed by other processes (run with
 CPU times; with more threads it also counts threads spinning while they wait), and so is the median of the
 per-round ratios (each round's two steps run back to back).
 
-``--size`` defaults to 64 px: on a two-core CPU a 224 px step of the largest models takes seconds, and 16 models
-with warm-up and repeats would take the better part of an hour. Every model keeps the paper's standard stem at 64 px
+``--size`` defaults to 64 px: on a two-core CPU a 224 px step of the largest models takes several seconds, and all
+16 pairs with warm-up and repeats take 15-20 minutes on a quiet machine (64 px: under 2 minutes), much longer on a
+busy one. Every model keeps the paper's standard stem at 64 px
 (cvlab's small-image stem is turned off), so the layers are those of the 224 px network on a smaller map; where it
 matters, the ratio at 224 px is worth a second run on a few models (``--size 224 --models resnet18 resnet50 ...``).
 ViTs use 16×16 patches at any size (4×4 tokens at 64 px), and the size must be a multiple of 16.
