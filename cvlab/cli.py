@@ -193,7 +193,7 @@ def list_options(group: Optional[str] = typer.Argument(None, help="a config grou
 
     names = config.groups()
     if group is not None and group not in names:
-        fail(f"unknown group {group!r}.{config.suggest(group, names, 'group')} Groups: {', '.join(names)}.")
+        fail(f"unknown group {group!r}.{config.suggest(group, names)} Groups: {', '.join(names)}.")
     for name in [group] if group else names:
         table = Table(title=f"{name}", title_justify="left", show_header=False)
         table.add_column("option", style="cyan")

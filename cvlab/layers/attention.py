@@ -24,7 +24,6 @@ inserting one into a pretrained or freshly initialised network does not change i
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from functools import partial
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvlab.layers.conv import ConvNormAct
-from cvlab.utils.errors import UserError
+from cvlab.layers.norm import check_choice
 
 NormFactory = Callable[[int], nn.Module]
 ActFactory = Callable[[], nn.Module]
@@ -46,11 +45,8 @@ _GATES: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.
 
 def _lookup(table: dict, name: str, what: str):
     """``table[name]``, or a UserError naming the closest valid keys."""
-    if name in table:
-        return table[name]
-    close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown {what} {name!r}.{hint} Valid: {', '.join(table)}.")
+    check_choice(name, table, what)
+    return table[name]
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ option name against its table (:func:`check_choice`) and binding the option's ke
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from collections.abc import Collection
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvlab.utils.errors import UserError
+from cvlab.utils.errors import UserError, suggest
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -38,9 +37,7 @@ def check_choice(name: str, choices: Collection[str], group: str) -> None:
     """Raise a UserError naming the closest valid options when ``name`` is not one of ``choices``."""
     if name in choices:
         return
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown {group} {name!r}.{hint} Valid: {', '.join(choices)}.")
+    raise UserError(f"unknown {group} {name!r}.{suggest(name, choices)} Valid: {', '.join(choices)}.")
 
 
 def bind_options(builder: Callable, options: dict, label: str, supplied_args: int = 0) -> Callable:

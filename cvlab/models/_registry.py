@@ -5,10 +5,9 @@ registered names. Each entry records the task it serves so the CLI can pick the 
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
-from cvlab.utils.errors import UserError
+from cvlab.utils.errors import UserError, suggest
 
 _MODELS: dict[str, Callable] = {}
 _TASKS: dict[str, str] = {}
@@ -45,9 +44,7 @@ def model_task(name: str) -> str:
 
 def _check_name(name: str) -> None:
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UserError(f"unknown model {name!r}.{hint} `cvlab list model` shows them all.")
+        raise UserError(f"unknown model {name!r}.{suggest(name, _MODELS)} `cvlab list model` shows them all.")
 
 
 def create_model(name: str, **kwargs):

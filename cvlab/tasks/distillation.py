@@ -35,8 +35,7 @@ from torchvision.transforms import v2
 from cvlab.data.classification import ClassificationDataModule, Split
 from cvlab.losses.distillation import UNLABELED, distillation_loss, hint_loss
 from cvlab.tasks.classification import ClassificationTask
-from cvlab.utils.config import suggest
-from cvlab.utils.errors import UserError
+from cvlab.utils.errors import UserError, suggest
 
 KINDS = ("offline", "semi_supervised", "self_supervised", "self", "feature")
 
@@ -55,7 +54,7 @@ class DistillationSettings:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise UserError(f"unknown distill.kind {self.kind!r}.{suggest(self.kind, KINDS, 'kind')} "
+            raise UserError(f"unknown distill.kind {self.kind!r}.{suggest(self.kind, KINDS)} "
                             f"Kinds: {', '.join(KINDS)}.")
         if self.temperature <= 0:
             raise UserError(f"distill.temperature must be positive, got {self.temperature}.")
@@ -110,7 +109,7 @@ def hint_layer(model: nn.Module, name: str, in_chans: int, image_size: int, role
         return name, stages[name]
     layers = [n for n, _ in model.named_modules() if n]
     if name not in layers:
-        raise UserError(f"the {role} has no layer {name!r}.{suggest(name, layers, 'layer')} "
+        raise UserError(f"the {role} has no layer {name!r}.{suggest(name, layers)} "
                         f"Its stages: {', '.join(stages)}.")
     out = _outputs(model, {name: model.get_submodule(name)}, in_chans, image_size).get(name)
     if not isinstance(out, torch.Tensor) or out.dim() != 4:

@@ -6,12 +6,11 @@ config the same way first, so the CLI can answer `model=resnt50` with "did you m
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cvlab.utils.errors import UserError
+from cvlab.utils.errors import UserError, suggest
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -44,11 +43,6 @@ def describe(group: str, option: str) -> str:
 
 def read_option(group: str, option: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), resolve=False) or {}
-
-
-def suggest(word: str, candidates, what: str) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
-    return f" Did you mean {', '.join(close)}?" if close else ""
 
 
 def parse(overrides: list[str]):
@@ -125,7 +119,7 @@ def check_overrides(config_name: str, overrides: list[str]):
         if key in group_names and not override.is_delete():
             for value in _values(override):
                 if value is not None and str(value) not in options(key):
-                    raise UserError(f"unknown {key} option {str(value)!r}.{suggest(str(value), options(key), key)} "
+                    raise UserError(f"unknown {key} option {str(value)!r}.{suggest(str(value), options(key))} "
                                     f"`cvlab list {key}` shows all {len(options(key))}.")
     try:
         base = compose(config_name, [o for o in _first_values(parsed) if "=" in o and o.split("=")[0].lstrip("+~").split("@")[0] in group_names])
@@ -140,7 +134,7 @@ def check_overrides(config_name: str, overrides: list[str]):
         if node is None or not hasattr(node, "keys") or leaf not in node.keys():
             siblings = [f"{parent}.{k}" if parent else k for k in (node.keys() if hasattr(node, "keys") else [])]
             candidates = list(dict.fromkeys(siblings + ([] if parent else group_names)))
-            raise UserError(f"unknown key {key!r}.{suggest(key, candidates, 'key')} Use +{key}=... to add a new key, "
+            raise UserError(f"unknown key {key!r}.{suggest(key, candidates)} Use +{key}=... to add a new key, "
                             f"or `cvlab train --cfg job` to see every key.")
         for value in _values(override):
             _check_type(key, OmegaConf.select(base, key), value)
