@@ -252,7 +252,7 @@ class NonLocal(nn.Module):
         self.norm = (norm_layer or nn.BatchNorm2d)(channels)
         self.reset_parameters()
 
-    starts_as_identity = True  # cvlab.models.create_model and the init group re-apply reset_parameters()
+    keeps_own_init = True  # cvlab.models.create_model and the init group re-apply reset_parameters()
 
     def reset_parameters(self) -> None:
         """Zero the output norm's weight so the block is the identity; a model whose own init sets every norm

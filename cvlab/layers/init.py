@@ -69,11 +69,12 @@ _WEIGHT_INITS: dict[str, Callable[..., torch.Tensor]] = {
 INIT_SCHEMES: tuple[str, ...] = ("default", "pytorch", *_WEIGHT_INITS)
 
 
-def restore_identity_starts(model: nn.Module) -> None:
-    """Blocks that must start as the identity (``starts_as_identity = True``, e.g. the non-local block's zeroed
-    output norm) re-apply their own init after a whole-model pass has set every norm weight to 1."""
+def restore_own_inits(model: nn.Module) -> None:
+    """Modules whose starting values are part of their design (``keeps_own_init = True``: the non-local block's
+    zeroed output norm, a detector's prior-biased output conv) re-apply their own init after a whole-model pass
+    has overwritten it."""
     for module in model.modules():
-        if getattr(module, "starts_as_identity", False):
+        if getattr(module, "keeps_own_init", False):
             module.reset_parameters()
 
 
@@ -83,7 +84,7 @@ def reset_to_pytorch_defaults(model: nn.Module) -> None:
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
             reset()
-    restore_identity_starts(model)
+    restore_own_inits(model)
 
 
 def init_weights(model: nn.Module, weight_init: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -98,7 +99,7 @@ def init_weights(model: nn.Module, weight_init: Callable[[torch.Tensor], torch.T
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-    restore_identity_starts(model)
+    restore_own_inits(model)
 
 
 def get_init(name: str, **options) -> ModelInit | None:

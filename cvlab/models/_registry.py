@@ -49,10 +49,10 @@ def _check_name(name: str) -> None:
 
 def create_model(name: str, **kwargs):
     """Build the registered model ``name``; ``kwargs`` go to its entry function."""
-    from cvlab.layers.init import restore_identity_starts
+    from cvlab.layers.init import restore_own_inits
 
     _ensure_loaded()
     _check_name(name)
     model = _MODELS[name](**kwargs)
-    restore_identity_starts(model)  # a model's own init pass may have undone an attention block's identity start
+    restore_own_inits(model)  # the model's own init pass may have overwritten them
     return model

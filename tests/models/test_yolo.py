@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou
 
+from cvlab.layers.init import get_init
 from cvlab.losses.yolo import YoloV1Loss, YoloV2Loss, YoloV3Loss, last_occurrence, shape_iou
 from cvlab.models import create_model, list_models
 from cvlab.ops.postprocess import DetectionPostprocess, decode_anchor_boxes, decode_cell_boxes, select_detections
@@ -133,6 +134,21 @@ def test_any_multiple_of_32_works_for_multiscale_training(name):
     assert [tuple(level.shape[2:4]) for level in levels][0] == (3, 5)
     model.train()
     assert set(model(torch.rand(1, 3, 96, 160), sample_targets()[:1])) == LOSS_NAMES
+
+
+@pytest.mark.parametrize("name,init", [("yolov3_tiny", None), ("yolov2_tiny", None), ("yolov3", "xavier_uniform")])
+def test_anchor_yolos_start_at_the_prior(name, init):
+    """σ(objectness) = 0.01 and class probability 1/C in every slot at the start, even after an init= scheme."""
+    torch.manual_seed(0)
+    model = tiny(name)
+    if init is not None:
+        get_init(init)(model)
+    with torch.no_grad():
+        levels = model.eval().forward_raw(torch.rand(2, 3, 64, 64))
+    for level in levels:
+        assert level[..., 4].sigmoid().sub(0.01).abs().max() < 0.01
+        probabilities = model.class_activation(level[..., 5:])
+        assert probabilities.sub(1 / 3).abs().max() < 0.05
 
 
 def test_input_size_validation_and_training_needs_targets():

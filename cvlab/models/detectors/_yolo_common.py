@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cvlab.layers.conv import ActFactory, ConvNormAct, NormFactory
+from cvlab.layers.init import restore_own_inits
 from cvlab.losses.yolo import AnchorYoloLoss
 from cvlab.models.backbones.darknet import init_darknet_weights
 from cvlab.ops.postprocess import DetectionPostprocess, decode_anchor_boxes
@@ -58,17 +59,48 @@ class YoloDetector(nn.Module):
         return self.postprocess(boxes, scores, image_size)
 
 
-class PredictionHead(nn.Sequential):
-    """3×3 conv-norm-act to ``hidden_chs``, then a biased linear 1×1 conv to the raw predictions."""
+# Starting probabilities of the output conv: an object in ~1 % of the anchor slots (Lin et al. 2017, "Focal Loss for
+# Dense Object Detection", §4.1), every class equally likely.
+OBJECTNESS_PRIOR = 0.01
 
-    def __init__(self, in_chs: int, hidden_chs: int, out_chs: int, norm_layer: NormFactory | None,
-                 act_layer: ActFactory):
+
+class AnchorOutputConv(nn.Conv2d):
+    """The biased 1×1 conv to the raw predictions ``A·(tx, ty, tw, th, to, C class logits)``, started at the prior.
+
+    Darknet starts it like every other conv, so the first steps predict an object with probability ~½ in every
+    slot and the no-object term, summed over hundreds of slots, swamps the few positives' box and class gradients.
+    Here the weights start small (std 0.01) and the biases at the prior: ``σ(to) = 0.01`` and every class logit
+    ``logit(1 / C)``, which gives ``1 / C`` under the sigmoid (YOLOv3) and a uniform softmax (YOLOv2) alike. On
+    shapes_det this is what lets yolov3_tiny learn its classes in minutes (BENCHMARKS.md).
+    """
+
+    keeps_own_init = True  # cvlab.models.create_model and the init group re-apply reset_parameters()
+
+    def __init__(self, in_chs: int, num_anchors: int, num_classes: int):
+        self.num_anchors, self.num_classes = num_anchors, num_classes
+        super().__init__(in_chs, num_anchors * (5 + num_classes), 1)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.01)
+        bias = torch.zeros(self.num_anchors, 5 + self.num_classes)
+        bias[:, 4] = torch.logit(torch.tensor(OBJECTNESS_PRIOR))
+        bias[:, 5:] = torch.logit(torch.tensor(1.0 / self.num_classes)) if self.num_classes > 1 else 0.0
+        with torch.no_grad():
+            self.bias.copy_(bias.flatten())
+
+
+class PredictionHead(nn.Sequential):
+    """3×3 conv-norm-act to ``hidden_chs``, then the :class:`AnchorOutputConv` to ``num_anchors`` predictions."""
+
+    def __init__(self, in_chs: int, hidden_chs: int, num_anchors: int, num_classes: int,
+                 norm_layer: NormFactory | None, act_layer: ActFactory):
         super().__init__(ConvNormAct(in_chs, hidden_chs, 3, norm_layer=norm_layer, act_layer=act_layer),
-                         nn.Conv2d(hidden_chs, out_chs, 1))
+                         AnchorOutputConv(hidden_chs, num_anchors, num_classes))
 
 
 class AnchorYolo(YoloDetector):
-    """A YOLO with anchors (v2, v3): ``body(images)`` gives one raw map per level, ``Tensor[N, A_l·(5+C), H, W]``.
+    """A YOLO with anchors (v2, v3): ``body(images)`` gives one raw map per level, ``Tensor[N, A_l·(5+C), H, W]``,
+    each from an :class:`AnchorOutputConv`.
 
     Args:
         body: the network; its ``forward`` returns the level maps in the order of ``anchor_masks``.
@@ -92,6 +124,7 @@ class AnchorYolo(YoloDetector):
         self.loss = loss
         self.class_activation = class_activation
         init_darknet_weights(self)
+        restore_own_inits(self)  # the output convs' prior
 
     def level_anchors(self) -> list[torch.Tensor]:
         return [self.anchors[mask] for mask in self.anchor_masks]

@@ -44,10 +44,10 @@ _REORG_STRIDE = 2
 class YOLOv2Body(nn.Module):
     """Darknet-19 → 2 × conv3×3(1024) ⊕ reorg(conv1×1(64) of the stride-16 features) → conv3×3(1024) → 1×1 out.
 
-    ``forward(x: Tensor[N, 3, H, W]) -> [Tensor[N, out_chs, H/32, W/32]]``.
+    ``forward(x: Tensor[N, 3, H, W]) -> [Tensor[N, A·(5 + C), H/32, W/32]]``.
     """
 
-    def __init__(self, out_chs: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
+    def __init__(self, num_anchors: int, num_classes: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
                  attn_layer: AttnFactory | None):
         super().__init__()
         self.backbone = Darknet(19, num_classes=0, width=width, norm_layer=norm_layer, act_layer=act_layer,
@@ -57,8 +57,8 @@ class YOLOv2Body(nn.Module):
         conv = partial(ConvNormAct, norm_layer=norm_layer, act_layer=act_layer)
         self.extra = nn.Sequential(conv(c5_chs, head_chs, 3), conv(head_chs, head_chs, 3))
         self.passthrough = conv(c4_chs, passthrough_chs, 1)
-        self.head = PredictionHead(passthrough_chs * _REORG_STRIDE**2 + head_chs, head_chs, out_chs, norm_layer,
-                                   act_layer)
+        self.head = PredictionHead(passthrough_chs * _REORG_STRIDE**2 + head_chs, head_chs, num_anchors,
+                                   num_classes, norm_layer, act_layer)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         _, c4, c5 = self.backbone.forward_multiscale(x)
@@ -70,12 +70,13 @@ class YOLOv2Body(nn.Module):
 class TinyYOLOv2Body(nn.Module):
     """TinyDarknet → conv3×3(1024) → 1×1 out (tiny-yolo-voc.cfg)."""
 
-    def __init__(self, out_chs: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
+    def __init__(self, num_anchors: int, num_classes: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
                  attn_layer: AttnFactory | None):
         super().__init__()
         self.trunk = TinyDarknet(width=width, norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer)
         head_chs = scale_width(1024, width)
-        self.head = PredictionHead(self.trunk.feature_info[-1]["num_chs"], head_chs, out_chs, norm_layer, act_layer)
+        self.head = PredictionHead(self.trunk.feature_info[-1]["num_chs"], head_chs, num_anchors, num_classes,
+                                   norm_layer, act_layer)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.head(self.trunk.forward_multiscale(x)[-1])]
@@ -116,7 +117,7 @@ class YOLOv2(AnchorYolo):
         default_cells = _TINY_YOLO_VOC_ANCHORS if tiny else _YOLOV2_ANCHORS
         anchor_wh = anchors_for(anchors, [(w * STRIDE, h * STRIDE) for w, h in default_cells], img_size)
         body_cls = TinyYOLOv2Body if tiny else YOLOv2Body
-        body = body_cls(len(anchor_wh) * (5 + num_classes), width, norm_layer, act_layer or leaky_relu, attn_layer)
+        body = body_cls(len(anchor_wh), num_classes, width, norm_layer, act_layer or leaky_relu, attn_layer)
         loss = YoloV2Loss(ignore_thresh, object_scale, noobject_scale, class_scale, coord_scale, box_loss)
         super().__init__(body, anchor_wh, [range(len(anchor_wh))], num_classes, loss, partial(torch.softmax, dim=-1),
                          DetectionPostprocess(**postprocess_kwargs))

@@ -43,10 +43,10 @@ def _conv_set(in_chs: int, chs: int, conv) -> nn.Sequential:
 
 
 class YOLOv3Body(nn.Module):
-    """Darknet-53 → three scales, coarse to fine; ``forward(x) -> [P5, P4, P3]`` raw maps ``Tensor[N, out_chs, h, w]``
+    """Darknet-53 → three scales, coarse to fine; ``forward(x) -> [P5, P4, P3]`` raw maps ``Tensor[N, A·(5 + C), h, w]``
     at strides 32, 16, 8."""
 
-    def __init__(self, out_chs: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
+    def __init__(self, num_anchors: int, num_classes: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
                  attn_layer: AttnFactory | None):
         super().__init__()
         self.backbone = Darknet(53, num_classes=0, width=width, norm_layer=norm_layer, act_layer=act_layer,
@@ -62,7 +62,7 @@ class YOLOv3Body(nn.Module):
                 self.laterals.append(conv(level_chs[level - 1], chs, 1))
                 in_chs += chs
             self.conv_sets.append(_conv_set(in_chs, chs, conv))
-            self.heads.append(PredictionHead(chs, 2 * chs, out_chs, norm_layer, act_layer))
+            self.heads.append(PredictionHead(chs, 2 * chs, num_anchors, num_classes, norm_layer, act_layer))
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -79,7 +79,7 @@ class TinyYOLOv3Body(nn.Module):
     """TinyDarknet → conv1×1(256) → [3×3(512) → out] at stride 32; conv1×1(128), upsample, ⊕ the stride-16
     256-channel trunk features → [3×3(256) → out] at stride 16 (yolov3-tiny.cfg)."""
 
-    def __init__(self, out_chs: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
+    def __init__(self, num_anchors: int, num_classes: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
                  attn_layer: AttnFactory | None):
         super().__init__()
         self.trunk = TinyDarknet(width=width, norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer)
@@ -87,10 +87,12 @@ class TinyYOLOv3Body(nn.Module):
         reduced_chs, lateral_chs = scale_width(256, width), scale_width(128, width)
         conv = partial(ConvNormAct, norm_layer=norm_layer, act_layer=act_layer)
         self.reduce = conv(c5_chs, reduced_chs, 1)
-        self.head_coarse = PredictionHead(reduced_chs, scale_width(512, width), out_chs, norm_layer, act_layer)
+        self.head_coarse = PredictionHead(reduced_chs, scale_width(512, width), num_anchors, num_classes,
+                                         norm_layer, act_layer)
         self.lateral = conv(reduced_chs, lateral_chs, 1)
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
-        self.head_fine = PredictionHead(lateral_chs + c4_chs, scale_width(256, width), out_chs, norm_layer, act_layer)
+        self.head_fine = PredictionHead(lateral_chs + c4_chs, scale_width(256, width), num_anchors,
+                                       num_classes, norm_layer, act_layer)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         c4, c5 = self.trunk.forward_multiscale(x)
@@ -136,7 +138,7 @@ class YOLOv3(AnchorYolo):
         # Coarse to fine, like the body's outputs: the coarsest grid gets the largest anchors.
         masks = [range(level * per_level, (level + 1) * per_level) for level in reversed(range(num_levels))]
         body_cls = TinyYOLOv3Body if tiny else YOLOv3Body
-        body = body_cls(per_level * (5 + num_classes), width, norm_layer, act_layer or leaky_relu, attn_layer)
+        body = body_cls(per_level, num_classes, width, norm_layer, act_layer or leaky_relu, attn_layer)
         super().__init__(body, anchor_wh, masks, num_classes, YoloV3Loss(ignore_thresh, box_loss, coord_scale),
                          torch.sigmoid, DetectionPostprocess(**postprocess_kwargs))
 
