@@ -90,13 +90,15 @@ def test_train_then_eval_reproduces_map(trained, model, data, tmp_path, capsys):
     run_eval(compose("eval", [f"ckpt={run / 'weights' / 'best.ckpt'}", "trainer=cpu",
                               f"paths.output_dir={tmp_path / 'eval'}"]))
     printed = capsys.readouterr().out
-    table = printed[printed.index("AP@[.5:.95] per class"):]
+    table = printed[printed.index("AP per class"):]
+    assert set(saved["ap50_per_class"]) == set(saved["ap_per_class"])
     for name, ap in saved["ap_per_class"].items():
-        assert re.search(rf"{name}\s+│\s+{ap:.4f}", table), (name, table)
+        assert re.search(rf"{name}\s+│\s+{saved['ap50_per_class'][name]:.4f}\s+│\s+{ap:.4f}", table), (name, table)
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     for key in ("val/map", "val/map_50", "val/map_75", "val/mar_100"):
         assert evaluated[key] == pytest.approx(saved[key], abs=1e-6), key
     assert evaluated["ap_per_class"] == pytest.approx(saved["ap_per_class"], abs=1e-6)
+    assert evaluated["ap50_per_class"] == pytest.approx(saved["ap50_per_class"], abs=1e-6)
     assert (tmp_path / "eval" / "pr_curves.png").is_file()
 
 

@@ -27,10 +27,11 @@ def default_backend() -> str:
 class DetectionMeanAP(MeanAveragePrecision):
     """``MeanAveragePrecision`` (bbox, xyxy, per-class) whose ``compute()`` returns
 
-    ``{"map": float, "map_50": float, "map_75": float, "mar_100": float, "ap_per_class": {name: AP@[.5:.95]}}``.
+    ``{"map": float, "map_50": float, "map_75": float, "mar_100": float, "ap_per_class": {name: AP@[.5:.95]},
+    "ap50_per_class": {name: AP@.5}}``.
 
-    ``ap_per_class`` holds the classes that have ground truth in the evaluated data (COCO's AP is undefined
-    for the others). Update with ``update(preds, targets)``: lists of ``dict(boxes, scores, labels)`` and
+    ``ap_per_class`` and ``ap50_per_class`` hold the classes that have ground truth in the evaluated data (COCO's AP
+    is undefined for the others). Update with ``update(preds, targets)``: lists of ``dict(boxes, scores, labels)`` and
     ``dict(boxes, labels)``, one per image. Areas of ground-truth boxes are their ``w * h`` (COCO's area
     ranges only matter for ``map_small``/``medium``/``large``, which are not reported).
     """
@@ -51,14 +52,18 @@ class DetectionMeanAP(MeanAveragePrecision):
         self._raw = raw
         ap_per_class = {self._name(int(c)): float(ap) for c, ap in zip(raw["classes"], raw["map_per_class"])
                         if float(ap) >= 0}
+        # COCO's AP at one IoU is the mean of its 101-point interpolated precision curve.
+        ap50_per_class = {name: float(curve["precision"].mean()) for name, curve in self._curves(raw, 0.5).items()}
         return {"map": float(raw["map"]), "map_50": float(raw["map_50"]), "map_75": float(raw["map_75"]),
-                "mar_100": float(raw["mar_100"]), "ap_per_class": ap_per_class}
+                "mar_100": float(raw["mar_100"]), "ap_per_class": ap_per_class, "ap50_per_class": ap50_per_class}
 
     def pr_curves(self, iou: float = 0.5) -> dict[str, dict[str, np.ndarray]]:
         """``{class name: {"recall": float[R], "precision": float[R]}}`` at IoU threshold ``iou``, for the
         classes with ground truth; recall is COCO's 101 points ``0, 0.01, ..., 1``."""
         self.compute()  # cached by torchmetrics until the next update/reset; sets self._raw
-        raw = self._raw
+        return self._curves(self._raw, iou)
+
+    def _curves(self, raw: dict, iou: float) -> dict[str, dict[str, np.ndarray]]:
         if "precision" not in raw:  # nothing was evaluated
             return {}
         matches = np.flatnonzero(np.isclose(self.iou_thresholds, iou))

@@ -8,8 +8,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.run.common import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
-from cvlab.utils.console import console, metrics_table
+from cvlab.run.common import class_scores, output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
+from cvlab.utils.console import class_ap_table, console, metrics_table
 from cvlab.utils.errors import UserError
 
 
@@ -52,11 +52,11 @@ def run_eval(cfg: DictConfig) -> tuple[dict, dict]:
     metrics = {key: float(value) for key, value in scores.items()}
     metrics.update(ckpt=str(ckpt), data=str(data_cfg.name))
     report = getattr(task, "report", {})
-    write_json(out / "eval.json", {**metrics, **({"ap_per_class": report["ap_per_class"]} if report else {})})
+    write_json(out / "eval.json", {**metrics, **class_scores(report)})
     write_run_plots(task, out)
     console.print(metrics_table(metrics, title=f"eval of {ckpt.name} on {data_cfg.name}"))
     if report:
-        console.print(metrics_table(report["ap_per_class"], title="AP@[.5:.95] per class"))
+        console.print(class_ap_table(report["ap50_per_class"], report["ap_per_class"]))
     say_run_dir(out, "end")
     return metrics, {"task": task}
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
 from cvlab.run.common import (
+    class_scores,
     instantiate_dict,
     output_dir,
     quiet_lightning,
@@ -17,7 +18,7 @@ from cvlab.run.common import (
     to_plain,
     write_json,
 )
-from cvlab.utils.console import config_tree, console, metrics_table
+from cvlab.utils.console import class_ap_table, config_tree, console, metrics_table
 from cvlab.utils.errors import UserError
 
 
@@ -85,11 +86,11 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     if trainer.is_global_zero:
         report = getattr(task, "report", {})
         write_json(out / "metrics.json", {**metrics, "best_ckpt": best,
-                                          **({"ap_per_class": report["ap_per_class"]} if report else {})})
+                                          **class_scores(report)})
         write_run_plots(task, out)
         console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint)"))
         if report:
-            console.print(metrics_table(report["ap_per_class"], title="AP@[.5:.95] per class"))
+            console.print(class_ap_table(report["ap50_per_class"], report["ap_per_class"]))
         say_run_dir(out, "end")
     return metrics, {"task": task, "datamodule": datamodule, "trainer": trainer}
 
@@ -103,7 +104,7 @@ def write_run_plots(task, out: Path) -> None:
         plot_confusion_matrix(confusion.compute().cpu().numpy(), task.class_names, out / "confusion_matrix.png")
     report = getattr(task, "report", {})
     if report.get("pr_curves"):
-        plot_pr_curves(report["pr_curves"], report["ap_per_class"], out / "pr_curves.png")
+        plot_pr_curves(report["pr_curves"], out / "pr_curves.png")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -57,6 +57,7 @@ class DetectionTask(BaseTask):
 
     def on_validation_epoch_end(self) -> None:
         scores = self.map_metric.compute()
-        self.report = {"ap_per_class": scores["ap_per_class"], "pr_curves": self.map_metric.pr_curves(0.5)}
+        self.report = {"ap50_per_class": scores["ap50_per_class"], "ap_per_class": scores["ap_per_class"],
+                       "pr_curves": self.map_metric.pr_curves(0.5)}
         self.log_dict({f"val/{key}": scores[key] for key in ("map", "map_50", "map_75", "mar_100")}, prog_bar=True)
         self.map_metric.reset()

@@ -41,6 +41,17 @@ def metrics_table(metrics: dict, title: str = "results") -> Table:
     return table
 
 
+def class_ap_table(ap50_per_class: dict[str, float], ap_per_class: dict[str, float]) -> Table:
+    """Detection's per-class table: AP@0.5 and AP@[.5:.95] for every class with ground truth."""
+    table = Table(title="AP per class", title_justify="left")
+    table.add_column("class")
+    table.add_column("AP@0.5", justify="right")
+    table.add_column("AP@[.5:.95]", justify="right")
+    for name, ap50 in ap50_per_class.items():
+        table.add_row(name, f"{ap50:.4f}", f"{ap_per_class[name]:.4f}")
+    return table
+
+
 def fail(message: str, code: int = 2):
     print_error(message)
     sys.exit(code)

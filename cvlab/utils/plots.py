@@ -67,12 +67,13 @@ def plot_curves(results_csv: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pr_curves(curves: dict[str, dict], ap_per_class: dict[str, float], path: Path) -> None:
-    """Precision against recall at IoU 0.5, one line per class (COCOeval's 101-point interpolated curves)."""
+def plot_pr_curves(curves: dict[str, dict], path: Path) -> None:
+    """Precision against recall at IoU 0.5, one line per class (COCOeval's 101-point interpolated curves), each
+    labelled with its AP@0.5, the mean of its curve."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, curve in curves.items():
-        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP {ap_per_class.get(name, float('nan')):.3f})")
+        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP@0.5 {curve['precision'].mean():.3f})")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)

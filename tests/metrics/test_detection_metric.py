@@ -79,7 +79,7 @@ def test_backend_is_one_torchmetrics_supports():
 def test_map_equals_cocoeval(computed):
     metric, result, preds, targets = computed
     stats = _cocoeval(preds, targets).stats  # [mAP, mAP50, mAP75, ...small/medium/large..., AR1, AR10, AR100, ...]
-    assert set(result) == {"map", "map_50", "map_75", "mar_100", "ap_per_class"}
+    assert set(result) == {"map", "map_50", "map_75", "mar_100", "ap_per_class", "ap50_per_class"}
     assert result["map"] == pytest.approx(stats[0], abs=1e-4)
     assert result["map_50"] == pytest.approx(stats[1], abs=1e-4)
     assert result["map_75"] == pytest.approx(stats[2], abs=1e-4)
@@ -90,8 +90,12 @@ def test_map_equals_cocoeval(computed):
 def test_per_class_ap_equals_cocoeval_per_category(computed):
     _, result, preds, targets = computed
     assert list(result["ap_per_class"]) == list(CLASS_NAMES)
+    assert list(result["ap50_per_class"]) == list(CLASS_NAMES)
     for label, name in enumerate(CLASS_NAMES):
-        assert result["ap_per_class"][name] == pytest.approx(_cocoeval(preds, targets, [label]).stats[0], abs=1e-4)
+        stats = _cocoeval(preds, targets, [label]).stats
+        assert result["ap_per_class"][name] == pytest.approx(stats[0], abs=1e-4)
+        assert result["ap50_per_class"][name] == pytest.approx(stats[1], abs=1e-4)
+        assert result["ap50_per_class"][name] > result["ap_per_class"][name]
 
 
 def test_pr_curves_are_cocoeval_precision_at_iou_half(computed):
@@ -119,6 +123,7 @@ def test_classes_without_ground_truth_are_left_out():
                   [{"boxes": box, "labels": torch.tensor([0])}])
     result = metric.compute()
     assert result["ap_per_class"] == {"circle": pytest.approx(1.0)}
+    assert result["ap50_per_class"] == {"circle": pytest.approx(1.0)}
     assert result["map"] == pytest.approx(1.0) and list(metric.pr_curves()) == ["circle"]
     metric.reset()
     metric.update([{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}],
@@ -127,3 +132,4 @@ def test_classes_without_ground_truth_are_left_out():
     result = metric.compute()
     assert result["map_50"] == pytest.approx(1.0) and result["map_75"] == pytest.approx(0.0)
     assert list(result["ap_per_class"]) == ["square"]
+    assert result["ap50_per_class"] == {"square": pytest.approx(1.0)}
