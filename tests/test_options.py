@@ -83,3 +83,16 @@ def test_every_option_of_the_other_groups_composes(group):
         cfg = check_overrides("train", overrides)
         if group not in ("experiment", "debug", "sweep"):
             assert cfg[group] is not None
+
+
+def test_each_task_sets_its_default_training_length():
+    """trainer.max_epochs follows the task (task/*.yaml `epochs`) unless given; configs without a task fall back."""
+    from cvlab.cli import complete_task
+    from cvlab.utils.config import compose
+
+    assert compose("train", []).trainer.max_epochs == 6
+    detection = compose("train", complete_task(["model=yolov3_tiny"]))
+    assert (detection.task.name, detection.data.name, detection.trainer.max_epochs) == ("detection", "shapes_det", 12)
+    assert compose("train", complete_task(["model=yolov3_tiny", "trainer.max_epochs=3"])).trainer.max_epochs == 3
+    assert compose("train", complete_task(["model=yolov3_tiny", "trainer=gpu"])).trainer.max_epochs == 12
+    assert compose("eval", ["ckpt=x.ckpt"]).trainer.max_epochs == 6
