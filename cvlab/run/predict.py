@@ -209,14 +209,14 @@ def run_predict(cfg: DictConfig) -> tuple[dict, dict]:
     say_run_dir(out, "start")
     if isinstance(task, DetectionTask):
         predictions, counts = predict_detection(task, paths, root, out, cfg.conf, device)
-        title = f"boxes scoring above {cfg.conf} in {len(paths)} image(s)"
+        title, counted = f"boxes scoring above {cfg.conf} in {len(paths)} image(s)", "boxes"
     elif isinstance(task, ClassificationTask):
         predictions, counts = predict_classification(task, paths, root, out, cfg.top_k, device)
-        title = f"best class of {len(paths)} image(s)"
+        title, counted = f"best class of {len(paths)} image(s)", "images"
     else:
         raise UserError(f"predict supports detection and classification checkpoints, not {type(task).__name__}")
     write_json(out / "predictions.json", predictions)
-    console.print(metrics_table(dict(sorted(counts.items(), key=str)), title=title))
+    console.print(metrics_table(dict(sorted(counts.items(), key=str)), title=title, columns=("class", counted)))
     say_run_dir(out, "end")
     return {"images": len(paths), "predictions": len(predictions)}, {"task": task, "predictions": predictions}
 

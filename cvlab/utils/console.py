@@ -32,10 +32,10 @@ def config_tree(cfg, title: str = "config") -> Tree:
     return tree
 
 
-def metrics_table(metrics: dict, title: str = "results") -> Table:
+def metrics_table(metrics: dict, title: str = "results", columns: tuple[str, str] = ("metric", "value")) -> Table:
     table = Table(title=title, title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column(columns[0])
+    table.add_column(columns[1], justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     return table
