@@ -84,6 +84,7 @@ class AnchorOutputConv(nn.Conv2d):
         nn.init.normal_(self.weight, std=0.01)
         bias = torch.zeros(self.num_anchors, 5 + self.num_classes)
         bias[:, 4] = torch.logit(torch.tensor(OBJECTNESS_PRIOR))
+        # logit(1 / C) is infinite for C = 1: a single class starts at ½.
         bias[:, 5:] = torch.logit(torch.tensor(1.0 / self.num_classes)) if self.num_classes > 1 else 0.0
         with torch.no_grad():
             self.bias.copy_(bias.flatten())
