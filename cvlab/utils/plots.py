@@ -40,7 +40,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
 
 
 def plot_curves(results_csv: Path, path: Path) -> None:
-    """One panel per metric family (loss, acc, ...) against epoch, train and val together."""
+    """One panel per metric family (loss, acc, ...) against epoch, train and val together, five panels a row."""
     if not results_csv.exists():
         return
     with results_csv.open(newline="") as f:
@@ -54,8 +54,13 @@ def plot_curves(results_csv: Path, path: Path) -> None:
         if "/" in key:
             families.setdefault(key.split("/", 1)[1], []).append(key)
     families["lr"] = ["lr"]
-    fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.2), squeeze=False)
-    for ax, (family, keys) in zip(axes[0], families.items()):
+    # At most five panels a row: detection logs ten families, which in one row would be unreadably wide.
+    columns = min(len(families), 5)
+    rows_of_panels = -(-len(families) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4 * columns, 3.2 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(families):]:
+        ax.set_visible(False)
+    for ax, (family, keys) in zip(axes.flat, families.items()):
         for key in keys:
             values = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
             ax.plot(epochs, values, marker="o", label=key)
