@@ -133,4 +133,3 @@ def test_classes_without_ground_truth_are_left_out():
     assert result["map_50"] == pytest.approx(1.0) and result["map_75"] == pytest.approx(0.0)
     assert list(result["ap_per_class"]) == ["square"]
     assert result["ap50_per_class"] == {"square": pytest.approx(1.0)}
-
