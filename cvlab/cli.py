@@ -93,6 +93,22 @@ def _check(config_name: str, overrides: list[str]):
         fail(str(error))
 
 
+def run_here(config_name: str, overrides: list[str], command: str) -> None:
+    """Checks the overrides and runs ``cvlab.run.<command>.run_<command>(cfg)`` in this process, without Hydra's
+    run directory (commands that only print); a UserError becomes one line and exit 2."""
+    import importlib
+
+    from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+
+    cfg = _check(config_name, overrides)
+    runner = getattr(importlib.import_module(f"cvlab.run.{command}"), f"run_{command}")
+    try:
+        runner(cfg)
+    except UserError as error:
+        fail(str(error))
+
+
 def launch(command: str, config_name: str, entry: str, args: list[str], multirun: bool = False) -> None:
     """Checks the overrides, then hands the whole argument list to the Hydra entry ``cvlab.run.<entry>.main``."""
     import importlib
@@ -125,12 +141,13 @@ def _require_checkpoint(command: str, overrides: list[str]) -> None:
     from pathlib import Path
 
     from cvlab.utils.console import fail
+    from cvlab.utils.errors import missing_checkpoint
 
     ckpt = _choice(overrides, "ckpt")
     if ckpt is None:
         fail(f"{command} needs a checkpoint: cvlab {command} ckpt=runs/<task>/<model>/<time>/weights/best.ckpt")
     if not Path(ckpt).expanduser().is_file():
-        fail(f"checkpoint {ckpt!r} does not exist; runs keep theirs in runs/<task>/<model>/<time>/weights/.")
+        fail(str(missing_checkpoint("checkpoint", ckpt)))
 
 
 @app.command(name="eval", context_settings=PASS_THROUGH)
@@ -206,17 +223,7 @@ def list_options(group: Optional[str] = typer.Argument(None, help="a config grou
 @app.command(context_settings=PASS_THROUGH)
 def info(ctx: typer.Context) -> None:
     """Parameters (exact), FLOPs at the data's input size and a per-stage table: cvlab info model=resnet50 [data=...]"""
-    from cvlab.utils.console import fail
-    from cvlab.utils.errors import UserError
-
-    _, overrides = _split(ctx.args)
-    cfg = _check("train", complete_task(overrides))
-    from cvlab.run.info import run_info
-
-    try:
-        run_info(cfg)
-    except UserError as error:
-        fail(str(error))
+    run_here("train", complete_task(_split(ctx.args)[1]), "info")
 
 
 @app.command(context_settings=PASS_THROUGH)
@@ -229,16 +236,7 @@ def anchors(ctx: typer.Context) -> None:
     model.anchors=[[w,h],...] or let training cluster: model.anchors=auto.
     Examples: cvlab anchors | cvlab anchors data=coco data.root=~/data/coco model=yolov2
     """
-    from cvlab.utils.console import fail
-    from cvlab.utils.errors import UserError
-
-    cfg = _check("anchors", _split(ctx.args)[1])
-    from cvlab.run.anchors import run_anchors
-
-    try:
-        run_anchors(cfg)
-    except UserError as error:
-        fail(str(error))
+    run_here("anchors", _split(ctx.args)[1], "anchors")
 
 
 @app.command()

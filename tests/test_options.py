@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from cvlab.run.train import run_train
-from cvlab.utils.config import check_overrides, groups, options
+from cvlab.utils.config import CONF_DIR, check_overrides, groups, options, read_option
 
 ONE_STEP = ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "~callbacks.model_checkpoint",
             "~callbacks.last_checkpoint", "trainer.enable_checkpointing=false"]
@@ -53,8 +54,9 @@ def test_option_trains_one_step_and_takes_effect(train_cfg, tmp_path, group, opt
         optimizer = trainer.optimizers[0]
         assert type(optimizer).__name__ == expected
         assert optimizer.param_groups[0].get("nesterov", False) == (option == "nesterov")
-        assert optimizer.param_groups[0].get("momentum", 0) == (0.9 if option in ("momentum", "nesterov") else
-                                                                optimizer.param_groups[0].get("momentum", 0))
+        # SGD and RMSprop have a momentum setting (0 unless the option sets it); the adaptive methods have none.
+        expected_momentum = {"momentum": 0.9, "nesterov": 0.9, "sgd": 0, "rmsprop": 0}.get(option)
+        assert optimizer.param_groups[0].get("momentum") == expected_momentum
     if group == "scheduler":
         configs = trainer.lr_scheduler_configs
         assert (len(configs) == 0) == (option == "none")
@@ -72,8 +74,25 @@ def test_option_trains_one_step_and_takes_effect(train_cfg, tmp_path, group, opt
         assert conv.weight.abs().max() < 1e-2  # one small step away from all zeros
 
 
+def _compose_with_choices(overrides: list[str]):
+    """The train config with Hydra's own node, whose runtime.choices say which option each group got."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def _assert_contains(values: dict, expected: dict, where: str) -> None:
+    """Every leaf of ``expected`` has the same value in ``values`` (which may hold more keys)."""
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            _assert_contains(values[key], value, f"{where}.{key}")
+        else:
+            assert values[key] == value, f"{where}.{key}"
+
+
 @pytest.mark.parametrize("group", [g for g in groups() if g not in TRAINABLE_GROUPS + ("model", "paths")])
-def test_every_option_of_the_other_groups_composes(group):
+def test_every_option_of_the_other_groups_composes_and_takes_effect(group):
     for option in options(group):
         overrides = [f"{group}={option}"]
         if group == "data" and option in ("imagefolder", "coco", "voc", "yolo"):
@@ -81,8 +100,18 @@ def test_every_option_of_the_other_groups_composes(group):
         if group == "task":
             overrides.append("data=" + {"classification": "digits", "detection": "shapes_det"}.get(option, "digits"))
         cfg = check_overrides("train", overrides)
+        composed = _compose_with_choices(overrides)
+        assert composed.hydra.runtime.choices[group] == option
         if group not in ("experiment", "debug", "sweep"):
             assert cfg[group] is not None
+            continue
+        # A global option: every group it overrides and every value it sets must be in the composed config.
+        spec = read_option(group, option)
+        for entry in spec.get("defaults", []):
+            ((key, value),) = entry.items()
+            assert composed.hydra.runtime.choices[key.removeprefix("override /")] == value, (option, key)
+        composed_values = OmegaConf.to_container(composed, enum_to_str=True)
+        _assert_contains(composed_values, {key: value for key, value in spec.items() if key != "defaults"}, option)
 
 
 def test_each_task_sets_its_default_training_length():

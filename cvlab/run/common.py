@@ -72,10 +72,5 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def class_scores(report: dict) -> dict:
-    """The per-class part of a task's report for metrics.json / eval.json (detection's AP tables; else nothing)."""
-    return {key: report[key] for key in ("ap50_per_class", "ap_per_class") if key in report}
-
-
 def say_run_dir(out: Path, when: str) -> None:
     console.print(f"[bold]run directory{' (' + when + ')' if when else ''}:[/] {out}", highlight=False)

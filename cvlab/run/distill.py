@@ -95,17 +95,11 @@ def stage_config(cfg: DictConfig, stage: str, model: dict) -> DictConfig:
 
 def load_teacher(path: str, info: dict, data_name: str):
     """The teacher task of a cvlab checkpoint, checked against the data (classes and input size must agree)."""
-    from cvlab.tasks.base import load_task
+    from cvlab.run.eval import restore_task
     from cvlab.tasks.classification import ClassificationTask
 
     ckpt = Path(str(path)).expanduser()
-    if not ckpt.is_file():
-        raise UserError(f"teacher.ckpt {str(path)!r} does not exist; runs keep theirs in "
-                        "runs/<task>/<model>/<time>/weights/best.ckpt.")
-    try:
-        task = load_task(str(ckpt))
-    except Exception as error:  # torch.load and Lightning raise many types for a foreign file
-        raise UserError(f"teacher.ckpt {str(ckpt)!r} is not a cvlab checkpoint ({type(error).__name__}).") from None
+    task = restore_task(ckpt, "teacher.ckpt", "best.ckpt")
     if not isinstance(task, ClassificationTask):
         raise UserError(f"teacher.ckpt {str(ckpt)!r} holds a {type(task).__name__}; a teacher must be a classifier.")
     trained = task.hparams.data_info
@@ -164,12 +158,9 @@ def cpu_profile(model, in_chans: int, image_size: int, runs: int) -> dict:
 
 def validate_loaded_teacher(task, cfg: DictConfig, datamodule, out: Path, ckpt: str) -> dict:
     """Stage 1 for a given checkpoint: the teacher's scores on this run's validation split, in teacher/metrics.json."""
-    from hydra.utils import instantiate
+    from cvlab.run.eval import validate_task
 
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False,
-                          enable_progress_bar=False, default_root_dir=str(out))
-    scores = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
-    metrics = {key: float(value) for key, value in scores.items()}
+    metrics = validate_task(task, datamodule, cfg.trainer, out)
     metrics.update(params=sum(p.numel() for p in task.model.parameters()))
     write_json(out / "metrics.json", {**metrics, "ckpt": str(Path(ckpt).expanduser())})
     return metrics

@@ -8,31 +8,41 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.run.common import class_scores, output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
-from cvlab.utils.console import class_ap_table, console, metrics_table
-from cvlab.utils.errors import UserError
+from cvlab.run.common import output_dir, quiet_lightning, run_guarded, say_run_dir
+from cvlab.utils.errors import UserError, missing_checkpoint
 
 
-def restore_task(ckpt: Path):
-    """The task saved in ``ckpt``, or a UserError saying what is wrong with the file."""
+def restore_task(ckpt: Path, what: str = "checkpoint", file: str = ""):
+    """The task saved in ``ckpt``, or a UserError saying what is wrong with the file (``what`` names the option
+    that gave it, ``file`` the checkpoint a run usually gives it)."""
     import pickle
 
     from cvlab.tasks.base import load_task
 
     if not ckpt.is_file():
-        raise UserError(f"checkpoint {str(ckpt)!r} does not exist; runs keep theirs in "
-                        "runs/<task>/<model>/<time>/weights/.")
+        raise missing_checkpoint(what, ckpt, file)
     try:
         return load_task(str(ckpt))
     except (KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         reason = " ".join(str(error).split())  # one line, whatever the loader wrote
-        raise UserError(f"{ckpt} is not a cvlab checkpoint ({type(error).__name__}: {reason}).") from None
+        raise UserError(f"{what} {str(ckpt)!r} is not a cvlab checkpoint "
+                        f"({type(error).__name__}: {reason}).") from None
+
+
+def validate_task(task, datamodule, trainer_cfg: DictConfig, out: Path) -> dict:
+    """One validation pass of ``task`` on ``datamodule`` with a quiet trainer: {metric: float}."""
+    from hydra.utils import instantiate
+
+    trainer = instantiate(trainer_cfg, logger=False, callbacks=[], enable_model_summary=False,
+                          enable_progress_bar=False, default_root_dir=str(out))
+    scores = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    return {key: float(value) for key, value in scores.items()}
 
 
 def run_eval(cfg: DictConfig) -> tuple[dict, dict]:
     from hydra.utils import instantiate
 
-    from cvlab.run.train import write_run_plots
+    from cvlab.run.train import finish_run
 
     quiet_lightning()
     ckpt = Path(str(cfg.ckpt)).expanduser()
@@ -46,18 +56,9 @@ def run_eval(cfg: DictConfig) -> tuple[dict, dict]:
     if info["num_classes"] != expected["num_classes"] or info["in_chans"] != expected["in_chans"]:
         raise UserError(f"data {data_cfg.name!r} has {info['num_classes']} classes x {info['in_chans']} channels but the "
                         f"checkpoint was trained on {expected['num_classes']} x {expected['in_chans']}.")
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False,
-                          enable_progress_bar=False, default_root_dir=str(out))
-    scores = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
-    metrics = {key: float(value) for key, value in scores.items()}
+    metrics = validate_task(task, datamodule, cfg.trainer, out)
     metrics.update(ckpt=str(ckpt), data=str(data_cfg.name))
-    report = getattr(task, "report", {})
-    write_json(out / "eval.json", {**metrics, **class_scores(report)})
-    write_run_plots(task, out)
-    console.print(metrics_table(metrics, title=f"eval of {ckpt.name} on {data_cfg.name}"))
-    if report:
-        console.print(class_ap_table(report["ap50_per_class"], report["ap_per_class"]))
-    say_run_dir(out, "end")
+    finish_run(task, out, "eval.json", metrics, title=f"eval of {ckpt.name} on {data_cfg.name}")
     return metrics, {"task": task}
 
 

@@ -85,12 +85,11 @@ def _image_id(path: Path, position: int, known: dict[str, int]) -> int:
     return int(path.stem) if path.stem.isdigit() else position
 
 
-def _read_rgb(path: Path) -> torch.Tensor:
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
+def _open_image(path: Path, mode: str) -> PIL.Image.Image:
+    """The image at ``path`` converted to ``mode`` (``RGB``, ``L``), or a UserError naming the unreadable file."""
     try:
         with PIL.Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))
+            return image.convert(mode)
     except OSError as error:
         raise UserError(f"cannot read image {path}: {error}") from None
 
@@ -99,7 +98,7 @@ def predict_detection(task, paths: list[Path], root: Path, out: Path, conf: floa
                       device: torch.device) -> tuple[list[dict], Counter]:
     """Draws every image's detections; returns them in the COCO results format (see the module docstring) and
     the number of boxes per class name."""
-    from torchvision.transforms.v2.functional import to_dtype, to_pil_image
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil_image
     from torchvision.utils import draw_bounding_boxes
 
     from cvlab.data.detection import Letterbox, unletterbox_boxes
@@ -113,7 +112,7 @@ def predict_detection(task, paths: list[Path], root: Path, out: Path, conf: floa
     letterbox = Letterbox(size)
     results, counts = [], Counter()
     for position, (path, name) in enumerate(zip(paths, _output_names(paths, root))):
-        pixels = _read_rgb(path)
+        pixels = pil_to_tensor(_open_image(path, "RGB"))
         height, width = pixels.shape[-2:]
         batch = to_dtype(letterbox(pixels), torch.float32, scale=True)[None].to(device)
         with torch.inference_mode():
@@ -176,11 +175,7 @@ def predict_classification(task, paths: list[Path], root: Path, out: Path, top_k
     k = min(top_k, len(class_names))
     results = []
     for position, (path, name) in enumerate(zip(paths, _output_names(paths, root))):
-        try:
-            with PIL.Image.open(path) as opened:
-                image = opened.convert(mode)
-        except OSError as error:
-            raise UserError(f"cannot read image {path}: {error}") from None
+        image = _open_image(path, mode)
         with torch.inference_mode():
             probabilities = model(transform(image)[None].to(device)).softmax(-1)[0].cpu()
         best = probabilities.topk(k)

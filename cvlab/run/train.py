@@ -9,7 +9,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
 from cvlab.run.common import (
-    class_scores,
     instantiate_dict,
     output_dir,
     quiet_lightning,
@@ -19,7 +18,7 @@ from cvlab.run.common import (
     write_json,
 )
 from cvlab.utils.console import class_ap_table, config_tree, console, metrics_table
-from cvlab.utils.errors import UserError
+from cvlab.utils.errors import UserError, missing_checkpoint
 
 
 def build_datamodule(cfg: DictConfig):
@@ -66,8 +65,7 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     out = output_dir(cfg)
     say_run_dir(out, "start")
     if cfg.resume and not Path(str(cfg.resume)).expanduser().is_file():
-        raise UserError(f"resume checkpoint {cfg.resume!r} does not exist; runs keep theirs in "
-                        "runs/<task>/<model>/<time>/weights/last.ckpt.")
+        raise missing_checkpoint("resume checkpoint", cfg.resume, "last.ckpt")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     console.print(config_tree(cfg))
@@ -84,15 +82,22 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     metrics.update(epochs=trainer.current_epoch, train_time_s=round(train_time, 2),
                    params=sum(p.numel() for p in task.model.parameters()))
     if trainer.is_global_zero:
-        report = getattr(task, "report", {})
-        write_json(out / "metrics.json", {**metrics, "best_ckpt": best,
-                                          **class_scores(report)})
-        write_run_plots(task, out)
-        console.print(metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint)"))
-        if report:
-            console.print(class_ap_table(report["ap50_per_class"], report["ap_per_class"]))
-        say_run_dir(out, "end")
+        finish_run(task, out, "metrics.json", metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint)",
+                   extra={"best_ckpt": best})
     return metrics, {"task": task, "datamodule": datamodule, "trainer": trainer}
+
+
+def finish_run(task, out: Path, json_name: str, metrics: dict, title: str, extra: dict | None = None) -> None:
+    """The end of a train or eval run: ``json_name`` (the metrics, ``extra`` and detection's per-class AP), the
+    plots, the tables on the console and the run directory."""
+    report = getattr(task, "report", {})
+    per_class = {key: report[key] for key in ("ap50_per_class", "ap_per_class") if key in report}
+    write_json(out / json_name, {**metrics, **(extra or {}), **per_class})
+    write_run_plots(task, out)
+    console.print(metrics_table(metrics, title=title))
+    if per_class:
+        console.print(class_ap_table(per_class["ap50_per_class"], per_class["ap_per_class"]))
+    say_run_dir(out, "end")
 
 
 def write_run_plots(task, out: Path) -> None:
