@@ -99,13 +99,9 @@ REFERENCES: dict[str, Reference] = {
 def build_cvlab(name: str, size: int) -> nn.Module:
     """The cvlab model with the paper's stem at ``size`` px (never the small-image stem)."""
     if name.startswith("vit"):
-        kwargs = dict(img_size=size, patch_size=PATCH_SIZE)
-    elif name.startswith("darknet"):
-        # The Darknet entry points choose the stem from img_size alone (small at <= 64 px); 224 keeps the paper's
-        # strides, and the classifier pools globally, so any input size runs.
-        kwargs = dict(img_size=max(size, 224))
+        kwargs = dict(image_size=size, patch_size=PATCH_SIZE)
     else:
-        kwargs = dict(img_size=size, stem="standard")
+        kwargs = dict(image_size=size, stem="standard")
     return create_model(name, num_classes=NUM_CLASSES, **kwargs)
 
 

@@ -41,17 +41,17 @@ VARIANTS = {
 }
 
 
-def count(name: str, img_size: int, num_classes: int) -> tuple[int, int]:
+def count(name: str, image_size: int, num_classes: int) -> tuple[int, int]:
     """(parameters, FLOPs of one image) without allocating weights."""
     with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes, img_size=img_size)
+        model = create_model(name, num_classes=num_classes, image_size=image_size)
         with FlopCounterMode(display=False) as counter:
-            model.forward_raw(torch.empty(1, 3, img_size, img_size))
+            model.forward_raw(torch.empty(1, 3, image_size, image_size))
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
 
 
-def images_per_second(model: torch.nn.Module, batch: int, img_size: int, repeats: int, min_time: float) -> dict:
-    images = torch.rand(batch, 3, img_size, img_size)
+def images_per_second(model: torch.nn.Module, batch: int, image_size: int, repeats: int, min_time: float) -> dict:
+    images = torch.rand(batch, 3, image_size, image_size)
     times: list[float] = []
     with torch.inference_mode():
         model.forward_raw(images)  # warm-up: first-call allocations and kernel selection
@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows = []
     for name in args.models:
-        img_size, num_classes = VARIANTS[name]
-        params, flops = count(name, img_size, num_classes)
+        image_size, num_classes = VARIANTS[name]
+        params, flops = count(name, image_size, num_classes)
         torch.manual_seed(0)
-        model = create_model(name, num_classes=num_classes, img_size=img_size).eval()
-        speeds = {batch: images_per_second(model, batch, img_size, args.repeats, args.min_time)
+        model = create_model(name, num_classes=num_classes, image_size=image_size).eval()
+        speeds = {batch: images_per_second(model, batch, image_size, args.repeats, args.min_time)
                   for batch in args.batch_sizes}
-        rows.append({"model": name, "img_size": img_size, "num_classes": num_classes, "params": params,
+        rows.append({"model": name, "image_size": image_size, "num_classes": num_classes, "params": params,
                      "gflops": flops / 1e9, "batch": speeds})
         del model
         cells = "  ".join(f"{speeds[b]['images_per_s']:>11.2f} {speeds[b]['images_per_s_best']:>6.2f}"
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(rows) == 1:
             heads = "  ".join(f"{'img/s b=' + str(b):>11} {'best':>6}" for b in args.batch_sizes)
             print(f"{'model':<12} {'size':>5} {'classes':>7} {'params':>12} {'GFLOPs':>8}  {heads}")
-        print(f"{name:<12} {img_size:>5} {num_classes:>7} {params:>12,} {flops / 1e9:>8.2f}  {cells}", flush=True)
+        print(f"{name:<12} {image_size:>5} {num_classes:>7} {params:>12,} {flops / 1e9:>8.2f}  {cells}", flush=True)
     load_after = os.getloadavg()
     print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")

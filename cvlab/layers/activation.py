@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvlab.layers.norm import bind_options, check_choice
-
-ActFactory = Callable[[], nn.Module]
+from cvlab.layers.typing import ActFactory
 
 
 class Swish(nn.Module):

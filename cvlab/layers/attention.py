@@ -20,14 +20,14 @@ residual branch is multiplied by a zero-initialised scalar ``gamma`` or ends in 
 inserting one into a pretrained or freshly initialised network does not change its output at step 0.
 
 ``get_attn_layer(name, **kw)`` turns a config name into the ``attn_layer`` factory every model accepts
-(``Callable[[int], nn.Module]``: channels → block); ``"none"`` / ``"default"`` give ``None``.
+(an :data:`~cvlab.layers.typing.AttnFactory`: channels → block); ``"none"`` / ``"default"`` give ``None``.
 """
 from __future__ import annotations
 
 import inspect
 import math
 from functools import partial
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,7 @@ from torch import nn
 
 from cvlab.layers.conv import ConvNormAct
 from cvlab.layers.norm import check_choice
-
-NormFactory = Callable[[int], nn.Module]
-ActFactory = Callable[[], nn.Module]
-AttnFactory = Callable[[int], nn.Module]
+from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 
 _GATES: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid}
 

@@ -8,13 +8,10 @@ written here.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
-NormFactory = Callable[[int], nn.Module]
-ActFactory = Callable[[], nn.Module]
+from cvlab.layers.typing import ActFactory, NormFactory
 
 
 class ConvNormAct(nn.Sequential):
@@ -104,7 +101,8 @@ def make_global_pool(
 
 
 class ClassifierHead(nn.Module):
-    """Pool a Tensor[N, C, H, W] to Tensor[N, C] (``head="gap"`` or ``"gdc"``), optional dropout, then a linear layer."""
+    """Pool a Tensor[N, C, H, W] to Tensor[N, C] (``head="gap"`` or ``"gdc"``), optional dropout, then a linear
+    layer."""
 
     def __init__(
         self,

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from cvlab.layers.norm import SwitchableNorm2d, bind_options, check_choice
-
-ModelInit = Callable[[nn.Module], None]
+from cvlab.layers.typing import ModelInit
 
 _WEIGHTED_LAYERS = (
     nn.Conv1d,

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvlab.layers.typing import NormFactory
 from cvlab.utils.errors import UserError, suggest
-
-NormFactory = Callable[[int], nn.Module]
 
 
 def check_choice(name: str, choices: Collection[str], group: str) -> None:

@@ -21,14 +21,12 @@ Conventions (those of ``torch.nn.MultiheadAttention`` with ``batch_first=True``)
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NormFactory = Callable[[int], nn.Module]
-ActFactory = Callable[[], nn.Module]
+from cvlab.layers.typing import ActFactory, NormFactory
 
 
 def truncated_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:

@@ -28,7 +28,7 @@ def _assert_every_parameter_has_a_gradient(model):
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifier_forward_and_backward_on_digit_sized_input(name):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10, in_chans=1, img_size=8)
+    model = create_model(name, num_classes=10, in_chans=1, image_size=8)
     logits = model(torch.randn(2, 1, 8, 8))
     assert logits.shape == (2, 10)
     assert torch.isfinite(logits).all()
@@ -39,7 +39,7 @@ def test_classifier_forward_and_backward_on_digit_sized_input(name):
 @pytest.mark.parametrize("name", DETECTORS)
 def test_detector_losses_backward_and_detections(name):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=3, img_size=64, width=0.25)
+    model = create_model(name, num_classes=3, image_size=64, width=0.25)
     images = torch.rand(2, 3, 64, 64)
     targets = [
         {"boxes": torch.tensor([[8.0, 8.0, 40.0, 36.0]]), "labels": torch.tensor([1])},

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from cvlab.models import create_model, list_models
 from cvlab.models.backbones.mobilenet import SqueezeExcite, make_divisible, mobilenetv1, mobilenetv2, mobilenetv3_small
@@ -60,7 +61,7 @@ def test_make_divisible():
 @pytest.mark.parametrize("name", PARAMS)
 def test_param_count(name):
     with torch.device("meta"):
-        ours = create_model(name, num_classes=1000, img_size=224)
+        ours = create_model(name, num_classes=1000, image_size=224)
         if name in TORCHVISION:
             assert n_params(getattr(torchvision.models, TORCHVISION[name])(weights=None)) == PARAMS[name]
     assert n_params(ours) == PARAMS[name]
@@ -100,7 +101,7 @@ def test_forward_parity_with_torchvision(name):
 @pytest.mark.parametrize("name", PARAMS)
 def test_small_input_forward_and_backward(name):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10, in_chans=1, img_size=8)
+    model = create_model(name, num_classes=10, in_chans=1, image_size=8)
     assert model.features[0][0].stride == (1, 1)
     assert model.feature_info[-1]["reduction"] == 8  # stem and first strided block lose their stride
     logits = model(torch.randn(2, 1, 8, 8))
@@ -110,24 +111,24 @@ def test_small_input_forward_and_backward(name):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
-@pytest.mark.parametrize("img_size, stem, size", [(224, "auto", 7), (32, "auto", 4), (64, "standard", 2),
+@pytest.mark.parametrize("image_size, stem, size", [(224, "auto", 7), (32, "auto", 4), (64, "standard", 2),
                                                   (224, "small", 28)])
-def test_feature_map_size(img_size, stem, size):
+def test_feature_map_size(image_size, stem, size):
     with torch.device("meta"):
-        model = mobilenetv3_small(img_size=img_size, stem=stem)
-        features = model.forward_features(torch.empty(2, 3, img_size, img_size))
+        model = mobilenetv3_small(image_size=image_size, stem=stem)
+        features = model.forward_features(torch.empty(2, 3, image_size, image_size))
     assert features.shape == (2, 576, size, size)
     assert model.feature_size == size
 
 
 @pytest.mark.parametrize("name, channels", [("mobilenetv1", 1024), ("mobilenetv2", 1280),
                                             ("mobilenetv3_small", 576), ("mobilenetv3_large", 960)])
-@pytest.mark.parametrize("img_size, size", [(224, 7), (32, 4)])
-def test_gdc_head_param_count(name, channels, img_size, size):
+@pytest.mark.parametrize("image_size, size", [(224, 7), (32, 4)])
+def test_gdc_head_param_count(name, channels, image_size, size):
     with torch.device("meta"):
-        gap = create_model(name, img_size=img_size)
-        gdc = create_model(name, img_size=img_size, head="gdc")
-        logits = gdc(torch.empty(2, 3, img_size, img_size))
+        gap = create_model(name, image_size=image_size)
+        gdc = create_model(name, image_size=image_size, head="gdc")
+        logits = gdc(torch.empty(2, 3, image_size, image_size))
     assert n_params(gdc) == n_params(gap) + channels * size**2 + 2 * channels
     assert logits.shape == (2, 1000)
 
@@ -135,8 +136,9 @@ def test_gdc_head_param_count(name, channels, img_size, size):
 @pytest.mark.parametrize("name, default_act", [("mobilenetv1", nn.ReLU), ("mobilenetv2", nn.ReLU6),
                                                ("mobilenetv3_small", nn.Hardswish)])
 def test_norm_and_act_replacement(name, default_act):
-    model = create_model(name, num_classes=10, img_size=16, norm_layer=lambda c: nn.GroupNorm(8, c), act_layer=nn.GELU)
-    default = create_model(name, num_classes=10, img_size=16)
+    model = create_model(name, num_classes=10, image_size=16, norm_layer=lambda c: nn.GroupNorm(8, c),
+                         act_layer=nn.GELU)
+    default = create_model(name, num_classes=10, image_size=16)
     assert count(model, nn.BatchNorm2d) == 0
     assert count(model, nn.GroupNorm) == count(default, nn.BatchNorm2d)
     assert count(model, nn.ReLU) == count(model, nn.ReLU6) == count(model, nn.Hardswish) == 0
@@ -160,7 +162,7 @@ class CountingAttention(nn.Module):
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_attn_layer_in_every_block_without_se(name):
-    model = create_model(name, num_classes=10, img_size=16, attn_layer=CountingAttention)
+    model = create_model(name, num_classes=10, image_size=16, attn_layer=CountingAttention)
     attentions = [m for m in model.modules() if isinstance(m, CountingAttention)]
     assert len(attentions) == N_BLOCKS[name] - N_SE[name]
     assert count(model, SqueezeExcite) == N_SE[name]
@@ -169,31 +171,38 @@ def test_attn_layer_in_every_block_without_se(name):
 
 
 def test_attn_layer_follows_depthwise_conv():
-    model = mobilenetv2(img_size=16, attn_layer=CountingAttention)
+    model = mobilenetv2(image_size=16, attn_layer=CountingAttention)
     block = model.features[2].block  # 16 → 96 expand, depthwise 96, attention on 96, project to 24
     assert block[1][0].groups == 96 and isinstance(block[2], CountingAttention) and block[2].channels == 96
 
 
-@pytest.mark.parametrize("name, channels", [("mobilenetv2", [16, 24, 32, 96, 1280]),
-                                            ("mobilenetv3_large", [16, 24, 40, 112, 960])])
-def test_stages_and_feature_info(name, channels):
-    model = create_model(name, img_size=64, stem="standard").eval()
-    stages = dict(model.named_stages())
-    assert list(stages) == ["stem", "stage1", "stage2", "stage3", "stage4"]
-    assert [info["num_chs"] for info in model.feature_info] == channels
-    assert [info["reduction"] for info in model.feature_info] == [2, 4, 8, 16, 32]
+@pytest.mark.parametrize("name, channels, ends", [("mobilenetv2", [16, 24, 32, 96, 1280], [1, 3, 6, 13, 18]),
+                                                  ("mobilenetv3_large", [16, 24, 40, 112, 960], [1, 3, 6, 12, 16])])
+def test_stages_match_torchvision_feature_extractor(name, channels, ends):
+    """Each stage ends with the last layer before a stride-2 one: torchvision's ``features.<i>`` nodes."""
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, TORCHVISION[name])(weights=None).eval()
+    features = create_model(name, features_only=True, image_size=64, stem="standard").eval()
+    nodes = [f"features.{end}" for end in ends]
+    assert features.feature_info.module_names() == nodes
+    assert features.feature_info.channels() == channels
+    assert features.feature_info.reductions() == [2, 4, 8, 16, 32]
+    state = theirs.state_dict()
+    missing, _ = features.load_state_dict(v2_keys_from_torchvision(state) if name == "mobilenetv2" else state,
+                                          strict=False)
+    assert missing == []
+    reference = create_feature_extractor(theirs, return_nodes=nodes)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        y = x
-        for stage in stages.values():
-            y = stage(y)
-        torch.testing.assert_close(y, model.forward_features(x))
-    assert y.shape == (2, channels[-1], 2, 2)
+        ours, expected = features(x), reference(x)
+    for output, node in zip(ours, nodes):
+        torch.testing.assert_close(output, expected[node], rtol=0, atol=0)
+    assert ours[-1].shape == (2, channels[-1], 2, 2)
 
 
 def test_init_and_defaults():
-    model = mobilenetv3_small(img_size=16)
-    assert model.classifier[2].p == 0.2 and mobilenetv1(img_size=16).classifier[0].p == 0.0
+    model = mobilenetv3_small(image_size=16)
+    assert model.classifier[2].p == 0.2 and mobilenetv1(image_size=16).classifier[0].p == 0.0
     bn = model.features[0][1]
     assert bn.eps == 1e-3 and bn.momentum == 0.01
     with torch.no_grad():

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from cvlab.models import create_model, list_models
 from cvlab.models.backbones.resnet import BasicBlock, resnet18, resnet50, resnext50_32x4d
@@ -31,7 +32,7 @@ def count(model: nn.Module, kind: type) -> int:
 @pytest.mark.parametrize("name", PARAMS)
 def test_param_count_matches_paper_and_torchvision(name):
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        ours = create_model(name, num_classes=1000, img_size=224)
+        ours = create_model(name, num_classes=1000, image_size=224)
         theirs = getattr(torchvision.models, name)(weights=None)
     assert n_params(ours) == PARAMS[name]
     assert n_params(theirs) == PARAMS[name]
@@ -56,15 +57,15 @@ def test_forward_parity_with_torchvision(name):
 def test_dilated_parity_with_torchvision():
     torch.manual_seed(0)
     theirs = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True]).eval()
-    ours = resnet50(img_size=64, stem="standard", output_stride=8).eval()
+    ours = resnet50(image_size=64, stem="standard", output_stride=8).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("output_stride, size, reductions", [(32, 7, [4, 4, 8, 16, 32]), (16, 14, [4, 4, 8, 16, 16]),
-                                                             (8, 28, [4, 4, 8, 8, 8])])
+@pytest.mark.parametrize("output_stride, size, reductions", [(32, 7, [2, 4, 8, 16, 32]), (16, 14, [2, 4, 8, 16, 16]),
+                                                             (8, 28, [2, 4, 8, 8, 8])])
 def test_output_stride(output_stride, size, reductions):
     with torch.device("meta"):
         model = resnet50(output_stride=output_stride)
@@ -76,7 +77,7 @@ def test_output_stride(output_stride, size, reductions):
 
 def test_small_input_forward_and_backward():
     torch.manual_seed(0)
-    model = resnet18(num_classes=10, in_chans=1, img_size=8)
+    model = resnet18(num_classes=10, in_chans=1, image_size=8)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert isinstance(model.maxpool, nn.Identity)
     logits = model(torch.randn(2, 1, 8, 8))
@@ -87,21 +88,22 @@ def test_small_input_forward_and_backward():
     assert missing == []
 
 
-@pytest.mark.parametrize("img_size, stem, small", [(64, "auto", True), (65, "auto", False), (224, "small", True),
+@pytest.mark.parametrize("image_size, stem, small", [(64, "auto", True), (65, "auto", False), (224, "small", True),
                                                    (32, "standard", False)])
-def test_stem_choice(img_size, stem, small):
+def test_stem_choice(image_size, stem, small):
     with torch.device("meta"):
-        model = resnet18(img_size=img_size, stem=stem)
+        model = resnet18(image_size=image_size, stem=stem)
     assert isinstance(model.maxpool, nn.Identity) == small
     assert model.conv1.kernel_size == ((3, 3) if small else (7, 7))
 
 
-@pytest.mark.parametrize("img_size, output_stride, feature_size", [(224, 32, 7), (224, 8, 28), (8, 32, 1), (32, 32, 4)])
-def test_gdc_head_param_count(img_size, output_stride, feature_size):
+@pytest.mark.parametrize("image_size, output_stride, feature_size",
+                         [(224, 32, 7), (224, 8, 28), (8, 32, 1), (32, 32, 4)])
+def test_gdc_head_param_count(image_size, output_stride, feature_size):
     with torch.device("meta"):
-        gap = resnet18(img_size=img_size, output_stride=output_stride)
-        gdc = resnet18(img_size=img_size, output_stride=output_stride, head="gdc")
-        logits = gdc(torch.empty(2, 3, img_size, img_size))
+        gap = resnet18(image_size=image_size, output_stride=output_stride)
+        gdc = resnet18(image_size=image_size, output_stride=output_stride, head="gdc")
+        logits = gdc(torch.empty(2, 3, image_size, image_size))
     channels = 512
     assert gdc.feature_size == feature_size
     assert n_params(gdc) == n_params(gap) + channels * feature_size**2 + 2 * channels
@@ -109,13 +111,13 @@ def test_gdc_head_param_count(img_size, output_stride, feature_size):
 
 
 def test_gdc_small_input_trains():
-    model = resnet18(num_classes=10, in_chans=1, img_size=8, head="gdc")
+    model = resnet18(num_classes=10, in_chans=1, image_size=8, head="gdc")
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
 def test_norm_and_act_replacement():
-    model = resnet18(num_classes=10, img_size=32, norm_layer=lambda c: nn.GroupNorm(8, c), act_layer=nn.GELU)
+    model = resnet18(num_classes=10, image_size=32, norm_layer=lambda c: nn.GroupNorm(8, c), act_layer=nn.GELU)
     assert count(model, nn.BatchNorm2d) == 0
     assert count(model, nn.GroupNorm) == 20  # stem 1 + 8 blocks × 2 + 3 downsample projections
     assert count(model, nn.ReLU) == 0
@@ -139,7 +141,7 @@ class ZeroAttention(nn.Module):
 
 @pytest.mark.parametrize("factory, n_blocks", [(resnet18, 8), (resnet50, 16)])
 def test_attn_layer_once_per_block_before_add(factory, n_blocks):
-    model = factory(num_classes=10, img_size=16, attn_layer=ZeroAttention).eval()
+    model = factory(num_classes=10, image_size=16, attn_layer=ZeroAttention).eval()
     attentions = [m for m in model.modules() if isinstance(m, ZeroAttention)]
     assert len(attentions) == n_blocks
     block = model.layer1[0]
@@ -152,43 +154,46 @@ def test_attn_layer_once_per_block_before_add(factory, n_blocks):
 
 
 def test_zero_init_residual_makes_blocks_identity():
-    model = resnet18(img_size=16, zero_init_residual=True).eval()
+    model = resnet18(image_size=16, zero_init_residual=True).eval()
     assert all(bool((b.bn2.weight == 0).all()) for b in model.modules() if isinstance(b, BasicBlock))
     x = torch.rand(2, 64, 16, 16)  # non-negative, so relu(x + 0) == x
     with torch.no_grad():
         torch.testing.assert_close(model.layer1(x), x)
-    plain = resnet18(img_size=16)
+    plain = resnet18(image_size=16)
     assert bool((plain.layer1[0].bn2.weight == 1).all())
 
 
 def test_init_follows_torchvision():
     torch.manual_seed(0)
-    model = resnext50_32x4d(img_size=32)
+    model = resnext50_32x4d(image_size=32)
     conv = model.layer3[0].conv1  # 1×1, 512 → 512, fan_out = 512
     assert abs(conv.weight.std().item() - (2 / 512) ** 0.5) < 0.05 * (2 / 512) ** 0.5
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
 
 
-def test_stages_and_feature_info():
-    model = resnet50(img_size=32, stem="standard").eval()
-    stages = dict(model.named_stages())
-    assert list(stages) == ["stem", "layer1", "layer2", "layer3", "layer4"]
-    assert [info["name"] for info in model.feature_info] == list(stages)
-    assert [info["num_chs"] for info in model.feature_info] == [64, 256, 512, 1024, 2048]
-    # named_stages() does not register extra modules: the state_dict keeps torchvision's keys.
-    assert not any(key.startswith("stem") for key in model.state_dict())
-    x = torch.randn(2, 3, 32, 32)
+def test_stages_match_torchvision_feature_extractor():
+    """The stages are torchvision's nodes (our ``act1`` is its stem ``relu``); the trunk keeps torchvision's keys."""
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet50(weights=None).eval()
+    features = create_model("resnet50", features_only=True, image_size=64, stem="standard").eval()
+    assert features.feature_info.module_names() == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert features.feature_info.channels() == [64, 256, 512, 1024, 2048]
+    assert features.feature_info.reductions() == [2, 4, 8, 16, 32]
+    missing, unexpected = features.load_state_dict(theirs.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["fc.weight", "fc.bias"]
+    nodes = ["relu", "layer1", "layer2", "layer3", "layer4"]
+    reference = create_feature_extractor(theirs, return_nodes=nodes)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        y = x
-        for stage in stages.values():
-            y = stage(y)
-        torch.testing.assert_close(y, model.forward_features(x))
-    assert y.shape == (2, 2048, 1, 1)
+        ours, expected = features(x), reference(x)
+    for output, node in zip(ours, nodes):
+        torch.testing.assert_close(output, expected[node], rtol=0, atol=0)
+    assert [tuple(o.shape[-2:]) for o in ours] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
 
 
 def test_drop_rate_and_bad_options():
-    assert resnet18(img_size=16, drop_rate=0.3).drop.p == 0.3
+    assert resnet18(image_size=16, drop_rate=0.3).drop.p == 0.3
     with pytest.raises(ValueError):
         resnet18(output_stride=4)
     with pytest.raises(ValueError):

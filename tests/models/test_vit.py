@@ -8,6 +8,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 
 from cvlab.layers.norm import NORM_LAYERS, get_norm_layer
 from cvlab.layers.transformer import ChannelsFirstTokenNorm
+from cvlab.models.backbones.features import FeatureExtractor
 from cvlab.models.backbones.vit import VisionTransformer, vit_base, vit_small, vit_tiny
 
 
@@ -22,12 +23,12 @@ def _seed():
 
 def digits_vit(**kwargs) -> VisionTransformer:
     """vit_tiny for 8×8 one-channel digits, 10 classes."""
-    return vit_tiny(num_classes=10, in_chans=1, img_size=8, **kwargs)
+    return vit_tiny(num_classes=10, in_chans=1, image_size=8, **kwargs)
 
 
 def mini_vit(**kwargs) -> VisionTransformer:
     """A two-block, 32-wide ViT for 8×8 digits: the cheap model for behaviour that does not depend on size."""
-    return VisionTransformer(num_classes=10, in_chans=1, img_size=8, embed_dim=32, depth=2, num_heads=4, **kwargs)
+    return VisionTransformer(num_classes=10, in_chans=1, image_size=8, embed_dim=32, depth=2, num_heads=4, **kwargs)
 
 
 @pytest.mark.parametrize("entry, expected", [(vit_tiny, 5_717_416), (vit_small, 22_050_664), (vit_base, 86_567_656)])
@@ -53,13 +54,13 @@ def test_vit_tiny_forward_at_224():
 
 
 @pytest.mark.parametrize(
-    "img_size, patch_size, tokens", [(8, 1, 65), (28, 3, 82), (32, 4, 65), (64, 8, 65), (96, 16, 37)]
+    "image_size, patch_size, tokens", [(8, 1, 65), (28, 3, 82), (32, 4, 65), (64, 8, 65), (96, 16, 37)]
 )
-def test_small_image_patch_rule(img_size, patch_size, tokens):
+def test_small_image_patch_rule(image_size, patch_size, tokens):
     with torch.device("meta"):
-        model = vit_tiny(img_size=img_size)
+        model = vit_tiny(image_size=image_size)
         assert model.patch_embed.proj.kernel_size == (patch_size, patch_size)
-        assert model.forward_features(torch.empty(2, 3, img_size, img_size)).shape == (2, tokens, 192)
+        assert model.forward_features(torch.empty(2, 3, image_size, image_size)).shape == (2, tokens, 192)
 
 
 def test_digits_forward():
@@ -134,8 +135,8 @@ def test_every_norm_option_trains(norm):
 
 def test_attn_layer_is_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="attn_layer is ignored"):
-        model = vit_tiny(img_size=8, attn_layer=lambda c: nn.Identity())
-    assert num_params(model) == num_params(vit_tiny(img_size=8))
+        model = vit_tiny(image_size=8, attn_layer=lambda c: nn.Identity())
+    assert num_params(model) == num_params(vit_tiny(image_size=8))
 
 
 def test_drop_rates_reach_their_layers():
@@ -166,20 +167,23 @@ def test_wrong_input_size_is_explained():
 
 def test_stages_cover_the_model():
     model = mini_vit().eval()
-    stages = model.stages()
-    assert list(stages) == ["patch_embed", "blocks", "norm"]
-    assert sum(num_params(stage) for stage in stages.values()) + num_params(model.head) == num_params(model)
-    assert model.feature_info == [dict(name=name, num_chs=32, reduction=1) for name in stages]
+    assert model.feature_info.module_names() == ["patch_embed", "blocks.0", "blocks.1", "norm"]
+    assert model.feature_info.channels() == [32] * 4 and model.feature_info.reductions() == [1] * 4
     assert model.num_features == 32
+    features = FeatureExtractor(model)
+    # Every parameter but the classifier's is in the trunk.
+    assert num_params(features) + num_params(model.head) == num_params(model)
     images = torch.randn(2, 1, 8, 8)
-    x = images
-    for stage in stages.values():
-        x = stage(x)
-    assert torch.equal(x, model.forward_features(images))
+    with torch.no_grad():
+        tokens, maps = model.forward_features(images), features(images)
+    assert [m.shape for m in maps] == [(2, 32, 8, 8)] * 4
+    # The last map is forward_features' patch tokens (class token dropped), token k at row k // 8, column k % 8.
+    assert torch.equal(maps[-1][:, :, 2, 5], tokens[:, 1 + 2 * 8 + 5])
+    assert torch.equal(maps[-1].flatten(2).transpose(1, 2), tokens[:, 1:])
 
 
 def test_registered():
     from cvlab.models import create_model, list_models
 
     assert {"vit_tiny", "vit_small", "vit_base"} <= set(list_models("classification"))
-    assert isinstance(create_model("vit_tiny", num_classes=10, in_chans=1, img_size=8), VisionTransformer)
+    assert isinstance(create_model("vit_tiny", num_classes=10, in_chans=1, image_size=8), VisionTransformer)

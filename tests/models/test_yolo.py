@@ -1,4 +1,6 @@
-"""YOLO v1–v3: exact sizes, the detection contract, decoding, post-processing, hand-computed losses, overfitting."""
+"""YOLO v1–v3: exact sizes, outputs identical to the monolithic models of before, the detection contract, backbone
+and loss options, decoding, post-processing, hand-computed losses, overfitting."""
+import inspect
 import math
 
 import pytest
@@ -8,18 +10,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou
 
 from cvlab.layers.init import get_init
-from cvlab.losses.yolo import YoloV1Loss, YoloV2Loss, YoloV3Loss, last_occurrence, shape_iou
+from cvlab.losses.yolo import YoloV1Loss, YoloV2Loss, YoloV3Loss
 from cvlab.models import create_model, list_models
+from cvlab.models.heads.anchor_head import AnchorHead
+from cvlab.models.necks.yolo_fpn import YoloV3FPN
 from cvlab.ops.postprocess import DetectionPostprocess, decode_anchor_boxes, decode_cell_boxes, select_detections
+from cvlab.utils.config import compose, read_option
+from cvlab.utils.errors import UserError
+from cvlab.utils.plugins import instantiate_plugin
+from fixtures import yolo_reference
 
 torch.set_num_threads(1)
 
 DETECTORS = ["yolov1", "yolov1_tiny", "yolov2", "yolov2_tiny", "yolov3", "yolov3_tiny"]
-# Tiny CPU builds: YOLOv1's input must be a multiple of 64 (its grid is img_size / 64), the others of 32.
+# Tiny CPU builds: YOLOv1's input must be a multiple of 64 (its grid is image_size / 64), the others of 32.
 TINY_SIZE = {"yolov1": 128, "yolov1_tiny": 128}
 LOSS_NAMES = {"loss_box", "loss_obj", "loss_noobj", "loss_cls"}
 
-# (name, classes, img_size): params, FLOPs (2·MACs of forward_raw), Conv2d layers, Linear layers
+# (name, classes, image_size): params, FLOPs (2·MACs of forward_raw), Conv2d layers, Linear layers
 SIZES = {
     ("yolov3", 80, 416): (61_949_149, 65_864_075_264, 75, 0),  # yolov3.cfg: 61,949,149; Darknet: 65.86 Bn
     ("yolov3_tiny", 80, 416): (8_852_366, 5_564_961_792, 13, 0),  # yolov3-tiny.cfg; Darknet: 5.56 Bn
@@ -40,7 +48,7 @@ def count(model: nn.Module, kind: type) -> int:
 
 
 def tiny(name: str, **kw) -> nn.Module:
-    return create_model(name, num_classes=3, img_size=TINY_SIZE.get(name, 64), width=0.125, **kw)
+    return create_model(name, num_classes=3, image_size=TINY_SIZE.get(name, 64), width=0.125, **kw)
 
 
 def sample_targets():
@@ -59,7 +67,7 @@ def test_exact_size_flops_and_layers(key):
     name, classes, size = key
     params, flops, convs, linears = SIZES[key]
     with torch.device("meta"):
-        model = create_model(name, num_classes=classes, img_size=size)
+        model = create_model(name, num_classes=classes, image_size=size)
         with FlopCounterMode(display=False) as counter:
             model.forward_raw(torch.empty(1, 3, size, size))
     assert n_params(model) == params
@@ -147,15 +155,15 @@ def test_anchor_yolos_start_at_the_prior(name, init):
         levels = model.eval().forward_raw(torch.rand(2, 3, 64, 64))
     for level in levels:
         assert level[..., 4].sigmoid().sub(0.01).abs().max() < 0.01
-        probabilities = model.class_activation(level[..., 5:])
+        probabilities = model.class_probabilities(level[..., 5:])
         assert probabilities.sub(1 / 3).abs().max() < 0.05
 
 
 def test_input_size_validation_and_training_needs_targets():
     with pytest.raises(ValueError, match="multiple of 64"):
-        create_model("yolov1", img_size=100)
+        create_model("yolov1", image_size=100)
     with pytest.raises(ValueError, match="multiple of 32"):
-        create_model("yolov3", img_size=100)
+        create_model("yolov3", image_size=100, width=0.125)
     model = tiny("yolov1").train()
     with pytest.raises(ValueError, match="fix its input"):
         model(torch.rand(1, 3, 192, 192), sample_targets()[:1])
@@ -164,18 +172,18 @@ def test_input_size_validation_and_training_needs_targets():
 
 
 def test_anchor_options():
-    # Default anchors are the released 416-px sets rescaled to img_size; YOLOv2's are in 32-px grid cells.
+    # Default anchors are the released 416-px sets rescaled to image_size; YOLOv2's are in 32-px grid cells.
     with torch.device("meta"):
-        v3 = create_model("yolov3", img_size=320)
+        v3 = create_model("yolov3", image_size=320)
         v2 = create_model("yolov2")
     torch.testing.assert_close(v3.anchors[-1], torch.tensor([373.0, 326.0]) * 320 / 416)
     torch.testing.assert_close(v2.anchors[0], torch.tensor([0.57273, 0.677385]) * 32)
-    # A user list is pixels at img_size, used as given (sorted by area over the scales for YOLOv3).
+    # A user list is pixels at image_size, used as given (sorted by area over the scales for YOLOv3).
     anchors = [(40, 40), (5, 5), (20, 10), (8, 12), (60, 50), (12, 30)]
-    model = create_model("yolov3_tiny", num_classes=1, img_size=64, width=0.125, anchors=anchors)
+    model = create_model("yolov3_tiny", num_classes=1, image_size=64, width=0.125, anchors=anchors)
     assert [a.tolist() for a in model.level_anchors()] == [[[12, 30], [40, 40], [60, 50]],
                                                            [[5, 5], [8, 12], [20, 10]]]
-    v2_custom = create_model("yolov2_tiny", num_classes=2, img_size=64, width=0.125, anchors=[(10, 20), (30, 30)])
+    v2_custom = create_model("yolov2_tiny", num_classes=2, image_size=64, width=0.125, anchors=[(10, 20), (30, 30)])
     assert v2_custom.forward_raw(torch.rand(1, 3, 64, 64))[0].shape == (1, 2, 2, 2, 7)
     with pytest.raises(ValueError, match="split evenly"):
         create_model("yolov3", width=0.125, anchors=anchors[:4])
@@ -185,6 +193,193 @@ def test_postprocess_options_reach_the_model():
     model = tiny("yolov3_tiny", conf_thresh=0.25, iou_thresh=0.5, max_det=7)
     assert (model.postprocess.conf_thresh, model.postprocess.iou_thresh, model.postprocess.max_det) == (0.25, 0.5, 7)
     assert tiny("yolov1").postprocess.conf_thresh == 0.001 and tiny("yolov2").postprocess.iou_thresh == 0.45
+
+
+# ------------------------------------------------------------------------------------ identical to the old models
+
+# Old state-dict key prefix → new, per model: the monolithic ``body`` of commit 845989a became backbone, neck, head.
+RENAMES = {
+    "yolov2": [("body.backbone.", "backbone."), ("body.extra.", "neck.extra."),
+               ("body.passthrough.", "neck.passthrough."), ("body.head.", "head.levels.0.")],
+    "yolov2_tiny": [("body.trunk.", "backbone."), ("body.head.", "head.levels.0.")],
+    "yolov3": [("body.backbone.", "backbone."), ("body.conv_sets.", "neck.conv_sets."),
+               ("body.laterals.", "neck.laterals."), ("body.heads.", "head.levels.")],
+    "yolov3_tiny": [("body.trunk.", "backbone."), ("body.reduce.", "neck.conv_sets.0.0."),
+                    ("body.lateral.", "neck.laterals.0."), ("body.head_coarse.", "head.levels.0."),
+                    ("body.head_fine.", "head.levels.1.")],
+}
+
+
+def _renamed(key: str, renames: list[tuple[str, str]]) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(yolo_reference.FIXTURE, weights_only=True)
+
+
+def _assert_same(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", yolo_reference.MODELS)
+def test_outputs_and_losses_identical_to_the_monolithic_models_given_their_weights(name, reference):
+    ref = reference[name]
+    old_state = yolo_reference.reference_state(ref["keys"], ref["anchors"])
+    # The weight rule still draws the weights of the reference run (up to the last bits of a vectorised draw).
+    sums = {key: value.double().sum().item() for key, value in old_state.items() if key in ref["sums"]}
+    assert sums == pytest.approx(ref["sums"], rel=1e-6, abs=1e-5)
+    model = create_model(name, num_classes=yolo_reference.NUM_CLASSES, image_size=yolo_reference.IMAGE_SIZE,
+                         width=yolo_reference.WIDTH, **yolo_reference.POSTPROCESS)
+    state = {_renamed(key, RENAMES[name]): value for key, value in old_state.items()}
+    # Every old weight has exactly one place, of the same shape, and nothing new was added.
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+
+    images = yolo_reference.reference_images()
+    with torch.no_grad():
+        model.eval()
+        for level, expected in zip(model.forward_raw(images), ref["eval_levels"], strict=True):
+            _assert_same(level, expected)
+        for found, expected in zip(model(images), ref["detections"], strict=True):
+            assert found.keys() == expected.keys()
+            for key in found:
+                _assert_same(found[key], expected[key])
+        model.train()
+        for level, expected in zip(model.forward_raw(images), ref["train_levels"], strict=True):
+            _assert_same(level, expected)
+        losses = model(images, yolo_reference.reference_targets())
+    assert losses.keys() == ref["losses"].keys()
+    for key in losses:
+        _assert_same(losses[key], ref["losses"][key])
+
+
+# ------------------------------------------------------------------------------------------------ backbone option
+
+
+def _trunk(name: str, size: int, out_indices=(-3, -2, -1), **kw) -> nn.Module:
+    return create_model(name, features_only=True, out_indices=out_indices, image_size=size, **kw)
+
+
+@pytest.mark.parametrize("backbone,size", [("resnet18", 128), ("mobilenetv2", 96)])
+def test_yolov3_on_a_zoo_backbone_trains_evaluates_and_counts_trunk_neck_head(backbone, size):
+    torch.manual_seed(0)
+    model = create_model("yolov3", num_classes=3, image_size=size, width=0.125, backbone=backbone).train()
+    trunk_chs = _trunk(backbone, size).feature_info.channels()  # finest first
+    # The neck reads the backbone's widths: C5 into the first conv set, C4 and C3 beside the upsampled laterals.
+    assert [block[0][0].in_channels for block in model.neck.conv_sets] == [trunk_chs[2], 32 + trunk_chs[1],
+                                                                           16 + trunk_chs[0]]
+    neck = YoloV3FPN(trunk_chs, [64, 32, 16])
+    head = AnchorHead(neck.out_channels, [128, 64, 32], 3, 3)
+    assert n_params(model) == n_params(_trunk(backbone, size)) + n_params(neck) + n_params(head)
+    # The backbone keeps its own activation (act_layer=None); the neck and head use Darknet's.
+    assert any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in model.backbone.modules())
+    assert not any(isinstance(m, nn.LeakyReLU) for m in model.backbone.modules())
+    assert isinstance(model.neck.conv_sets[0][0][2], nn.LeakyReLU)
+
+    images = torch.rand(2, 3, size, size)
+    losses = model(images, sample_targets())
+    assert set(losses) == LOSS_NAMES and all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()] == []
+
+    model.eval()
+    with torch.no_grad():
+        levels = model.forward_raw(images)
+        detections = model(images)
+    assert [tuple(level.shape) for level in levels] == [(2, 3, size // s, size // s, 8) for s in (32, 16, 8)]
+    assert len(detections) == 2 and all(d["boxes"].shape == (len(d["scores"]), 4) for d in detections)
+
+
+def test_zoo_backbones_under_yolov2_and_the_tiny_variants():
+    size = 64  # the small stems: resnet18's last stages at strides 2, 4, 8
+    reductions = _trunk("resnet18", size).feature_info.reductions()
+    assert reductions == [2, 4, 8]
+    v2 = create_model("yolov2", num_classes=3, image_size=size, width=0.125, backbone="resnet18")
+    assert (v2.neck.passthrough[0].in_channels, v2.neck.extra[0][0].in_channels) == (256, 512)
+    assert v2.forward_raw(torch.rand(1, 3, size, size))[0].shape == (1, 5, 8, 8, 8)
+    v2_tiny = create_model("yolov2_tiny", num_classes=3, image_size=size, width=0.125, backbone="mobilenetv2")
+    assert v2_tiny.head.levels[0][0][0].in_channels == 1280
+    v3_tiny = create_model("yolov3_tiny", num_classes=3, image_size=size, width=0.125, backbone="resnet18")
+    assert [tuple(level.shape[2:4]) for level in v3_tiny.forward_raw(torch.rand(1, 3, size, size))] == [(8, 8),
+                                                                                                         (16, 16)]
+    # The backbone gets the model's norm factory too.
+    gn = create_model("yolov3_tiny", num_classes=3, image_size=size, width=0.125, backbone="resnet18",
+                      norm_layer=lambda chs: nn.GroupNorm(1, chs))
+    assert count(gn.backbone, nn.GroupNorm) == count(_trunk("resnet18", size, (-2, -1)), nn.BatchNorm2d) > 0
+
+
+def test_backbones_without_the_needed_strides_or_that_are_no_classifiers_are_refused():
+    with torch.device("meta"):
+        with pytest.raises(UserError, match=r"vit_tiny's last 3 stages have reductions \[8, 8, 8\]"):
+            create_model("yolov3", image_size=64, width=0.125, backbone="vit_tiny")
+        with pytest.raises(UserError, match="must be a classification model.*resnet18"):
+            create_model("yolov3", image_size=64, width=0.125, backbone="yolov3_tiny")
+        with pytest.raises(UserError, match="Did you mean resnet18"):
+            create_model("yolov3_tiny", image_size=64, width=0.125, backbone="resnet1")
+
+
+def test_model_configs_take_the_backbone_option():
+    for name in ("yolov2", "yolov2_tiny", "yolov3", "yolov3_tiny"):
+        config = compose("train", [f"model={name}", "task=detection", "data=shapes_det"]).model
+        assert "backbone" in config and config.backbone is None
+
+
+# ---------------------------------------------------------------------------------------------------- loss option
+
+LOSS_CONFIGS = {"yolov1": YoloV1Loss, "yolov2": YoloV2Loss, "yolov3": YoloV3Loss}
+
+
+@pytest.mark.parametrize("option", LOSS_CONFIGS)
+def test_loss_configs_are_the_paper_losses_with_every_setting_written_out(option):
+    config = read_option("loss", option)
+    assert (config.pop("name"), config.pop("task"), config.pop("_target_")) == (
+        option, "detection", f"cvlab.losses.yolo.{LOSS_CONFIGS[option].__name__}")
+    defaults = {name: p.default for name, p in inspect.signature(LOSS_CONFIGS[option]).parameters.items()}
+    assert config == defaults  # the same settings as the model's default (loss=None)
+
+
+@pytest.mark.parametrize("name,paper_loss", [("yolov1", YoloV1Loss), ("yolov2_tiny", YoloV2Loss),
+                                             ("yolov3_tiny", YoloV3Loss)])
+def test_the_paper_loss_is_the_default(name, paper_loss):
+    assert type(tiny(name).loss) is paper_loss
+
+
+def test_loss_overrides_reach_the_model():
+    cfg = compose("train", ["model=yolov3_tiny", "loss=yolov3", "loss.ignore_thresh=0.7", "loss.coord_scale=2"])
+    loss = instantiate_plugin(cfg.loss)
+    assert type(loss) is YoloV3Loss and loss.assigner.ignore_thresh == 0.7
+
+    torch.manual_seed(0)
+    paper = tiny("yolov3_tiny").train()
+    plugged = tiny("yolov3_tiny", loss=loss).train()
+    plugged.load_state_dict(paper.state_dict())
+    assert plugged.loss is loss
+    images = torch.rand(2, 3, 64, 64)
+    expected, found = paper(images, sample_targets()), plugged(images, sample_targets())
+    assert found["loss_box"].item() == pytest.approx(2 * expected["loss_box"].item(), rel=1e-6)
+    assert found["loss_cls"] == expected["loss_cls"]
+
+
+def test_the_loss_decides_the_class_probabilities():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    v3_softmax = tiny("yolov3_tiny", loss=YoloV2Loss())
+    torch.testing.assert_close(v3_softmax.class_probabilities(logits), logits.softmax(-1))
+    torch.testing.assert_close(tiny("yolov2_tiny", loss=YoloV3Loss()).class_probabilities(logits), logits.sigmoid())
+    torch.testing.assert_close(tiny("yolov2_tiny").class_probabilities(logits), logits.softmax(-1))
+
+
+def test_a_loss_of_another_kind_is_refused_naming_the_options():
+    with pytest.raises(UserError, match="yolov3_tiny cannot train with CrossEntropyLoss.*loss=yolov3 or loss=yolov2"):
+        tiny("yolov3_tiny", loss=nn.CrossEntropyLoss())
+    with pytest.raises(UserError, match="YoloV3Loss.*loss=yolov1"):
+        tiny("yolov1", loss=YoloV3Loss())
+    with pytest.raises(UserError, match="YoloV1Loss.*loss=yolov2 or loss=yolov3"):
+        tiny("yolov2", loss=YoloV1Loss())
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -230,12 +425,6 @@ def test_select_detections_keeps_top_box_and_suppresses_overlap():
 
 
 # ------------------------------------------------------------------------------------------------------ losses
-
-
-def test_helpers_shape_iou_and_last_occurrence():
-    iou = shape_iou(torch.tensor([[10.0, 20.0]]), torch.tensor([[10.0, 20.0], [20.0, 10.0], [5.0, 5.0]]))
-    torch.testing.assert_close(iou, torch.tensor([[1.0, 100 / 300, 25 / 200]]))
-    assert sorted(last_occurrence(torch.tensor([3, 1, 3, 2, 1])).tolist()) == [2, 3, 4]
 
 
 def _iou(a, b):
@@ -320,12 +509,7 @@ def test_yolov3_loss_by_hand_and_assignment():
         assert losses[name].item() == pytest.approx(value, rel=1e-5), name
 
 
-def test_yolov3_ignore_threshold_and_giou_box_loss():
-    loss = YoloV3Loss(ignore_thresh=0.5)
-    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    pred = torch.tensor([[[[[0.0, 0.0, 10.0, 9.0], [0.0, 0.0, 10.0, 4.0], [20.0, 20.0, 30.0, 30.0]]]]])  # IoU .9 .4 0
-    assert loss._unmatched(pred, torch.tensor([0]), gt).flatten().tolist() == [False, True, True]
-
+def test_yolov3_giou_box_loss():
     # A prediction decoding exactly onto the object has zero GIoU loss.
     outputs = _zero_outputs(num_classes=1)
     with torch.no_grad():
@@ -378,7 +562,7 @@ def test_yolov3_tiny_overfits_two_images():
             image[:, y0:y1, x0:x1] = torch.tensor([0.9, 0.5, 0.2])[:, None, None]
     targets = [dict(boxes=b, labels=torch.zeros(len(b), dtype=torch.long)) for b in boxes]
 
-    model = create_model("yolov3_tiny", num_classes=1, img_size=64, width=0.25).train()
+    model = create_model("yolov3_tiny", num_classes=1, image_size=64, width=0.25).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     history = []
     for _ in range(80):

@@ -11,23 +11,26 @@ them per stage, and ends with global average pooling + a fully connected layer. 
 and LeakyReLU(0.1), as in the released ``darknet19.cfg`` / ``darknet53.cfg``.
 
 :class:`TinyDarknet` is the 7-conv trunk shared by the released ``tiny-yolo-voc.cfg`` (YOLOv2-tiny) and
-``yolov3-tiny.cfg``; it is not a registered classifier.
+``yolov3-tiny.cfg``; it is not a registered classifier, and :func:`tiny_darknet_features` gives its feature module.
 
-cvlab's additions: a channel ``width`` multiplier, a small-image stem, pluggable norm / activation / attention, and
-:meth:`Darknet.forward_multiscale` for the stride-8/16/32 features (C3, C4, C5) the YOLO heads read.
+cvlab's additions: a channel ``width`` multiplier, a small-image stem, and pluggable norm / activation / attention.
+The YOLO detectors read the stage outputs through the feature call (:mod:`cvlab.models.backbones.features`).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
 
-from cvlab.layers.conv import ActFactory, ClassifierHead, ConvNormAct, NormFactory
+from cvlab.layers.conv import ClassifierHead, ConvNormAct
+from cvlab.layers.init import restore_own_inits
+from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.models._registry import register_model
-
-AttnFactory = Callable[[int], nn.Module]
+from cvlab.models.backbones.features import Backbone, FeatureExtractor, FeatureInfo
+from cvlab.models.backbones.resnet import use_small_stem
 
 # Per stage: (output channels, number of convs for Darknet-19 / of residual blocks for Darknet-53).
 _STAGES = {
@@ -35,7 +38,7 @@ _STAGES = {
     53: ((64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)),
 }
 _STEM_CHS = 32
-# Stages whose downsampling the small-image stem removes (img_size <= 64): the output stride drops from 32 to 8, so an
+# Stages whose downsampling the small-image stem removes (image_size <= 64): the output stride drops from 32 to 8, so an
 # 8×8 input still ends at 1×1 and a 32×32 one at 4×4.
 _SMALL_STEM_UNSTRIDED = 2
 
@@ -112,7 +115,7 @@ def _darknet53_stage(in_chs: int, out_chs: int, num_blocks: int, downsample: boo
     )
 
 
-class Darknet(nn.Module):
+class Darknet(Backbone):
     """Darknet-19 / Darknet-53: 3×3 stem (32 ch) → five stages, each halving the resolution → classifier.
 
     Measured by cvlab at 1000 classes (FLOPs = 2 · multiply-adds from ``torch.utils.flop_counter``, convs and the
@@ -129,18 +132,18 @@ class Darknet(nn.Module):
 
     Args:
         depth: 19 or 53.
-        num_classes: classifier outputs; 0 leaves the classifier out (``forward`` then returns pooled features),
-            which is how the YOLO detectors use the trunk.
+        num_classes: classifier outputs.
         width: channel multiplier applied to every layer (1.0 = the paper).
         small_stem: drop the downsampling of the first two stages (output stride 8 instead of 32), for inputs of
-            8–64 px; the entry points set it when ``img_size <= 64``.
+            8–64 px; the entry points take ``stem="auto"`` (small when ``image_size <= 64``), ``"standard"`` or
+            ``"small"``.
         norm_layer / act_layer: default BatchNorm2d / LeakyReLU(0.1); a given factory replaces every one.
         attn_layer: Darknet-53 runs it on each residual branch before the add; Darknet-19, which has no residual
             blocks, runs it after the last conv of each stage.
 
-    ``forward_features(x: Tensor[N, in_chans, H, W]) -> Tensor[N, C5, H/32, W/32]``;
-    ``forward_multiscale(x) -> [C3, C4, C5]`` (strides 8, 16, 32 with the standard stem); ``feature_info`` lists
-    each stage's name, channels and reduction.
+    ``forward_features(x: Tensor[N, in_chans, H, W]) -> Tensor[N, C5, H/32, W/32]``. Stages (``feature_info``, and
+    ``create_model(name, features_only=True)``): ``stem``, ``stages.0`` .. ``stages.4``, reductions 1, 2, 4, 8, 16,
+    32 (small stem: 1, 1, 1, 2, 4, 8); ``out_indices=(-3, -2, -1)`` gives the C3, C4, C5 maps the YOLO heads read.
     """
 
     def __init__(
@@ -163,21 +166,19 @@ class Darknet(nn.Module):
 
         in_chs = scale_width(_STEM_CHS, width)
         self.stem = ConvNormAct(in_chans, in_chs, 3, norm_layer=norm_layer, act_layer=act_layer)
-        self.feature_info = [dict(name="stem", num_chs=in_chs, reduction=1)]
+        self.feature_info = FeatureInfo([dict(num_chs=in_chs, reduction=1, module="stem")])
         stages, reduction = [], 1
         for index, (out_chs, depth_of_stage) in enumerate(_STAGES[depth]):
             downsample = not (small_stem and index < _SMALL_STEM_UNSTRIDED)
             out_chs = scale_width(out_chs, width)
             stages.append(make_stage(in_chs, out_chs, depth_of_stage, downsample, norm_layer, act_layer, attn_layer))
             reduction *= 2 if downsample else 1
-            self.feature_info.append(dict(name=f"stages.{index}", num_chs=out_chs, reduction=reduction))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{index}"))
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
         self.num_features = in_chs
 
-        if num_classes <= 0:
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        elif depth == 19:
+        if depth == 19:
             # Darknet-19 classifies every position with a 1×1 conv, then averages the class maps.
             self.head = nn.Sequential(nn.Conv2d(in_chs, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         else:
@@ -188,36 +189,30 @@ class Darknet(nn.Module):
         """Tensor[N, in_chans, H, W] → Tensor[N, num_features, H / r, W / r] (r = 32, or 8 with the small stem)."""
         return self.stages(self.stem(x))
 
-    def forward_multiscale(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The outputs of the last three stages, [C3, C4, C5] (strides 8, 16, 32 with the standard stem)."""
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features[-3:]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[N, in_chans, H, W] → logits Tensor[N, num_classes]."""
         return self.head(self.forward_features(x))
 
 
-class TinyDarknet(nn.Module):
+class TinyDarknet(Backbone):
     """The trunk of tiny-yolo-voc.cfg and yolov3-tiny.cfg: six 3×3 convs (16, 32, …, 512 channels), each followed by
-    a 2×2 max-pool, then a 3×3 conv to 1024. The sixth pool has stride 1 (total stride 32).
+    a 2×2 max-pool, then a 3×3 conv to 1024. The sixth pool has stride 1 (total stride 32). ``attn_layer`` runs
+    before each pool.
 
-    ``forward_multiscale(x) -> [C4, C5]``: the 256-channel conv output (stride 16, before its pool; YOLOv3-tiny's
-    second scale reads it) and the final 1024-channel map (stride 32). ``attn_layer`` runs before each pool.
+    ``forward_features(x: Tensor[N, in_chans, H, W]) -> Tensor[N, 1024·width, H/32, W/32]``. Stages
+    (``feature_info``, :func:`tiny_darknet_features`): each conv's output before its pool, ``stages.<i>.attn``
+    (16 … 512 channels at reductions 1, 2, 4, 8, 16, 32), then ``final_conv`` (1024 at 32). The detectors read
+    ``out_indices=(-3, -1)``: the 256-channel stride-16 map (YOLOv3-tiny's second scale) and the last map.
     """
 
     _CHANNELS = (16, 32, 64, 128, 256, 512)
-    _C4_INDEX = 4
 
     def __init__(self, in_chans: int = 3, width: float = 1.0, norm_layer: NormFactory | None = None,
                  act_layer: ActFactory | None = None, attn_layer: AttnFactory | None = None):
         super().__init__()
         conv = partial(ConvNormAct, norm_layer=norm_layer, act_layer=act_layer or leaky_relu)
-        self.stages = nn.ModuleList()
+        stages = []
+        self.feature_info = FeatureInfo()
         in_chs = in_chans
         for index, chs in enumerate(self._CHANNELS):
             chs = scale_width(chs, width)
@@ -225,33 +220,34 @@ class TinyDarknet(nn.Module):
             # Darknet's stride-1 2×2 pool keeps the size by ignoring positions past the border: replicate-pad right
             # and bottom by one, which gives the same maxima.
             pool = nn.Sequential(nn.ReplicationPad2d((0, 1, 0, 1)), nn.MaxPool2d(2, 1)) if is_last else nn.MaxPool2d(2)
-            self.stages.append(nn.ModuleDict(dict(conv=conv(in_chs, chs, 3), attn=_attn_or_identity(attn_layer, chs),
-                                                  pool=pool)))
+            stages.append(nn.Sequential(OrderedDict(conv=conv(in_chs, chs, 3), attn=_attn_or_identity(attn_layer, chs),
+                                                    pool=pool)))
+            self.feature_info.append(dict(num_chs=chs, reduction=2**index, module=f"stages.{index}.attn"))
             in_chs = chs
+        self.stages = nn.Sequential(*stages)
         self.final_conv = conv(in_chs, scale_width(1024, width), 3)
-        self.feature_info = [
-            dict(name=f"stages.{self._C4_INDEX}.conv", num_chs=scale_width(self._CHANNELS[self._C4_INDEX], width),
-                 reduction=16),
-            dict(name="final_conv", num_chs=scale_width(1024, width), reduction=32),
-        ]
+        self.feature_info.append(dict(num_chs=scale_width(1024, width), reduction=32, module="final_conv"))
         init_darknet_weights(self)
 
-    def forward_multiscale(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Tensor[N, in_chans, H, W] → [Tensor[N, C4, H/16, W/16], Tensor[N, C5, H/32, W/32]]."""
-        c4 = x
-        for index, stage in enumerate(self.stages):
-            x = stage["attn"](stage["conv"](x))
-            if index == self._C4_INDEX:
-                c4 = x
-            x = stage["pool"](x)
-        return [c4, self.final_conv(x)]
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor[N, in_chans, H, W] → Tensor[N, 1024·width, H/32, W/32]."""
+        return self.final_conv(self.stages(x))
 
 
-def _darknet(depth: int, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, width: float = 1.0,
-             norm_layer: NormFactory | None = None, act_layer: ActFactory | None = None,
-             attn_layer: AttnFactory | None = None, **kwargs) -> Darknet:
-    return Darknet(depth, num_classes=num_classes, in_chans=in_chans, width=width, small_stem=img_size <= 64,
-                   norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer, **kwargs)
+def tiny_darknet_features(out_indices: Sequence[int] | None = None, **kwargs) -> FeatureExtractor:
+    """The feature module of :class:`TinyDarknet` (``kwargs``: its options), as
+    ``create_model(name, features_only=True, out_indices=...)`` builds it for the registered backbones."""
+    trunk = TinyDarknet(**kwargs)
+    restore_own_inits(trunk)  # init_darknet_weights overwrote e.g. a non-local block's zeroed norm
+    return FeatureExtractor(trunk, out_indices)
+
+
+def _darknet(depth: int, num_classes: int = 1000, in_chans: int = 3, image_size: int = 224, stem: str = "auto",
+             width: float = 1.0, norm_layer: NormFactory | None = None, act_layer: ActFactory | None = None,
+             attn_layer: AttnFactory | None = None) -> Darknet:
+    return Darknet(depth, num_classes=num_classes, in_chans=in_chans, width=width,
+                   small_stem=use_small_stem(stem, image_size), norm_layer=norm_layer, act_layer=act_layer,
+                   attn_layer=attn_layer)
 
 
 @register_model

@@ -17,26 +17,18 @@ cvlab's additions: a small-input rule, a GDC head, and pluggable norm / activati
 """
 from __future__ import annotations
 
+import math
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cvlab.layers.conv import (
-    ActFactory,
-    ConvNormAct,
-    DepthwiseSeparableConv,
-    NormFactory,
-    depthwise_conv,
-    make_global_pool,
-    pointwise_conv,
-)
+from cvlab.layers.conv import ConvNormAct, DepthwiseSeparableConv, depthwise_conv, make_global_pool, pointwise_conv
+from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.models._registry import register_model
+from cvlab.models.backbones.features import Backbone, FeatureInfo
 from cvlab.models.backbones.resnet import conv_output_size, init_conv_norm_, use_small_stem
-
-AttnFactory = Callable[[int], nn.Module]
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -101,7 +93,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class MobileNet(nn.Module):
+class MobileNet(Backbone):
     """A MobileNet: ``features`` (stem conv, blocks, last 1×1 conv for v2/v3) → ``global_pool`` → ``classifier``.
 
     =================  =====================================================  ==========  ===========
@@ -113,12 +105,12 @@ class MobileNet(nn.Module):
     mobilenetv3_large  15 inverted residual, SE / h-swish, dropout 0.2        960 → 1280  5,483,032
     =================  =====================================================  ==========  ===========
 
-    Entry-point options (besides the contract's num_classes / in_chans / img_size / norm / act / attn):
+    Entry-point options (besides the contract's num_classes / in_chans / image_size / norm / act / attn):
         width_mult: channel multiplier (v1's α); channels are rounded with ``make_divisible(·, 8)``.
-        stem: ``"auto"`` (small when ``img_size <= 64``), ``"standard"`` or ``"small"``. The small-input rule removes
+        stem: ``"auto"`` (small when ``image_size <= 64``), ``"standard"`` or ``"small"``. The small-input rule removes
             two strides, total stride 32 → 8: the stem conv gets stride 1 and so does the first strided block
             (a 32 px input ends at 4×4, an 8 px input at 1×1).
-        head: ``"gap"`` or ``"gdc"`` (global depthwise conv sized from img_size).
+        head: ``"gap"`` or ``"gdc"`` (global depthwise conv sized from image_size).
         drop_rate: dropout before the last linear layer (v1: 0; v2/v3: 0.2, as torchvision).
         attn_layer: placed after the depthwise conv of every block, on the expanded channels, the position of
             MobileNetV3's SE (v1: between the depthwise and pointwise convs). v3 keeps its own SE; ``attn_layer``
@@ -126,10 +118,11 @@ class MobileNet(nn.Module):
         act_layer: replaces every activation, for v3 also the ReLU inside SE and the h-swish of the classifier;
             the SE's hard-sigmoid gate stays.
 
-    Stages: ``named_stages()`` returns ``stem``, ``stage1``..``stage4``, split where the paper's network halves the
-    resolution (the stem stage includes the first block when that block keeps the resolution; the last stage
-    includes the last 1×1 conv); ``feature_info`` lists their channels and reductions (2, 4, 8, 16, 32 at full
-    size). ``forward_features(x: Tensor[N, in_chans, H, W]) -> Tensor[N, num_features, h, w]``.
+    Stages (``feature_info``, and ``create_model(name, features_only=True)``): five, each ending just before a layer
+    that halves the resolution in the paper's network, so the first holds the stem conv (and the first block when
+    that block keeps the resolution) and the last ends with the last 1×1 conv. Each is named by its last layer,
+    ``features.<i>``; reductions 2, 4, 8, 16, 32, or 1, 1, 2, 4, 8 with the small-input rule.
+    ``forward_features(x: Tensor[N, in_chans, H, W]) -> Tensor[N, num_features, h, w]``.
     """
 
     def __init__(
@@ -139,28 +132,22 @@ class MobileNet(nn.Module):
         paper_strides: list[int],
         strides: list[int],
         classifier: nn.Module,
-        img_size: int,
+        image_size: int,
         head: str,
         norm_layer: NormFactory,
     ):
         super().__init__()
         self.features = nn.Sequential(*layers)
-        # A new stage begins at every layer that halves the resolution in the paper's network (not counting the stem),
-        # so stage names stay the same when the small-input rule drops strides.
-        starts = [0] + [i for i in range(1, len(layers)) if paper_strides[i] > 1]
-        ends = starts[1:] + [len(layers)]
-        self._stage_bounds: dict[str, tuple[int, int]] = {}
-        self.feature_info = []
-        for index, (start, end) in enumerate(zip(starts, ends)):
-            name = "stem" if index == 0 else f"stage{index}"
-            self._stage_bounds[name] = (start, end)
-            reduction = 1
-            for stride in strides[:end]:
-                reduction *= stride
-            self.feature_info.append(dict(name=name, num_chs=out_chs[end - 1], reduction=reduction))
+        # A stage ends before every layer that halves the resolution in the paper's network (not counting the stem),
+        # so the stages stay the same layers when the small-input rule drops strides.
+        ends = [i - 1 for i in range(1, len(layers)) if paper_strides[i] > 1] + [len(layers) - 1]
+        self.feature_info = FeatureInfo(
+            dict(num_chs=out_chs[end], reduction=math.prod(strides[: end + 1]), module=f"features.{end}")
+            for end in ends
+        )
 
         self.num_features = out_chs[-1]
-        self.feature_size = conv_output_size(img_size, strides)
+        self.feature_size = conv_output_size(image_size, strides)
         self.global_pool = make_global_pool(head, self.num_features, self.feature_size, norm_layer)
         self.classifier = classifier
 
@@ -169,11 +156,6 @@ class MobileNet(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0, 0.01)
                 nn.init.zeros_(module.bias)
-
-    def named_stages(self) -> list[tuple[str, nn.Module]]:
-        """``(name, module)`` per stage, in order (slices of ``features``, sharing its modules); running them in turn
-        equals ``forward_features``."""
-        return [(name, self.features[start:end]) for name, (start, end) in self._stage_bounds.items()]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[N, in_chans, H, W] → Tensor[N, num_features, h, w]."""
@@ -239,7 +221,7 @@ _V3_LARGE = [
 def _mobilenet_v1(
     num_classes: int = 1000,
     in_chans: int = 3,
-    img_size: int = 224,
+    image_size: int = 224,
     norm_layer: NormFactory | None = None,
     act_layer: ActFactory | None = None,
     attn_layer: AttnFactory | None = None,
@@ -251,7 +233,7 @@ def _mobilenet_v1(
     norm_layer = norm_layer or nn.BatchNorm2d
     act_layer = act_layer or partial(nn.ReLU, inplace=True)
     paper_strides = [2] + [stride for _, stride in _V1_BLOCKS]
-    strides = _used_strides(paper_strides, use_small_stem(stem, img_size))
+    strides = _used_strides(paper_strides, use_small_stem(stem, image_size))
 
     chs = make_divisible(32 * width_mult)
     layers = [ConvNormAct(in_chans, chs, 3, strides[0], norm_layer=norm_layer, act_layer=act_layer)]
@@ -262,13 +244,13 @@ def _mobilenet_v1(
         chs = block_out
         out_chs.append(chs)
     classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(chs, num_classes))
-    return MobileNet(layers, out_chs, paper_strides, strides, classifier, img_size, head, norm_layer)
+    return MobileNet(layers, out_chs, paper_strides, strides, classifier, image_size, head, norm_layer)
 
 
 def _mobilenet_v2(
     num_classes: int = 1000,
     in_chans: int = 3,
-    img_size: int = 224,
+    image_size: int = 224,
     norm_layer: NormFactory | None = None,
     act_layer: ActFactory | None = None,
     attn_layer: AttnFactory | None = None,
@@ -281,7 +263,7 @@ def _mobilenet_v2(
     act_layer = act_layer or partial(nn.ReLU6, inplace=True)
     blocks = [(t, c, s if repeat == 0 else 1) for t, c, n, s in _V2_STAGES for repeat in range(n)]
     paper_strides = [2] + [stride for _, _, stride in blocks] + [1]
-    strides = _used_strides(paper_strides, use_small_stem(stem, img_size))
+    strides = _used_strides(paper_strides, use_small_stem(stem, image_size))
 
     chs = make_divisible(32 * width_mult)
     layers: list[nn.Module] = [ConvNormAct(in_chans, chs, 3, strides[0], norm_layer=norm_layer, act_layer=act_layer)]
@@ -297,7 +279,7 @@ def _mobilenet_v2(
     layers.append(pointwise_conv(chs, last_chs, norm_layer=norm_layer, act_layer=act_layer))
     out_chs.append(last_chs)
     classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(last_chs, num_classes))
-    return MobileNet(layers, out_chs, paper_strides, strides, classifier, img_size, head, norm_layer)
+    return MobileNet(layers, out_chs, paper_strides, strides, classifier, image_size, head, norm_layer)
 
 
 def _mobilenet_v3(
@@ -305,7 +287,7 @@ def _mobilenet_v3(
     head_chs: int,
     num_classes: int = 1000,
     in_chans: int = 3,
-    img_size: int = 224,
+    image_size: int = 224,
     norm_layer: NormFactory | None = None,
     act_layer: ActFactory | None = None,
     attn_layer: AttnFactory | None = None,
@@ -320,7 +302,7 @@ def _mobilenet_v3(
     hswish = act_layer or partial(nn.Hardswish, inplace=True)
     squeeze_excite = partial(SqueezeExcite, act_layer=act_layer or nn.ReLU)
     paper_strides = [2] + [row[-1] for row in table] + [1]
-    strides = _used_strides(paper_strides, use_small_stem(stem, img_size))
+    strides = _used_strides(paper_strides, use_small_stem(stem, image_size))
 
     def scale(chs: int) -> int:
         return make_divisible(chs * width_mult)
@@ -343,7 +325,7 @@ def _mobilenet_v3(
     classifier = nn.Sequential(
         nn.Linear(last_chs, pre_logits_chs), hswish(), nn.Dropout(drop_rate), nn.Linear(pre_logits_chs, num_classes)
     )
-    return MobileNet(layers, out_chs, paper_strides, strides, classifier, img_size, head, norm_layer)
+    return MobileNet(layers, out_chs, paper_strides, strides, classifier, image_size, head, norm_layer)
 
 
 @register_model

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
 
-from cvlab.layers.conv import ActFactory, NormFactory, make_global_pool
+from cvlab.layers.conv import make_global_pool
+from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.models._registry import register_model
-
-AttnFactory = Callable[[int], nn.Module]
+from cvlab.models.backbones.features import Backbone, FeatureInfo
 
 # Which of layer2, layer3, layer4 trade their stride for dilation, per output stride.
 _DILATED_LAYERS = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
@@ -142,7 +141,8 @@ def _is_affine_norm(module: nn.Module) -> bool:
 
 
 def init_conv_norm_(model: nn.Module) -> None:
-    """torchvision's CNN init: conv weights Kaiming-normal (fan_out, ReLU gain), conv biases 0, norm weight 1 / bias 0."""
+    """torchvision's CNN init: conv weights Kaiming-normal (fan_out, ReLU gain), conv biases 0, norm weight 1 /
+    bias 0."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -160,14 +160,14 @@ def conv_output_size(size: int, strides: list[int]) -> int:
     return size
 
 
-def use_small_stem(stem: str, img_size: int) -> bool:
-    """Resolve the ``stem`` option shared by the CNNs: ``"auto"`` picks the small-image stem when img_size <= 64."""
+def use_small_stem(stem: str, image_size: int) -> bool:
+    """Resolve the ``stem`` option shared by the CNNs: ``"auto"`` picks the small-image stem when image_size <= 64."""
     if stem not in ("auto", "standard", "small"):
         raise ValueError(f"unknown stem {stem!r}; choose 'auto', 'standard' or 'small'")
-    return stem == "small" or (stem == "auto" and img_size <= 64)
+    return stem == "small" or (stem == "auto" and image_size <= 64)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet / ResNeXt: stem → layer1..layer4 (64, 128, 256, 512 planes × expansion) → pool → fc.
 
     ==================  ==========  ===============  ============
@@ -184,19 +184,20 @@ class ResNet(nn.Module):
 
     Args:
         stem: ``"standard"`` (7×7 stride-2 conv + 3×3 stride-2 max-pool, stride 4), ``"small"`` (3×3 stride-1 conv,
-            no pool: for 8–64 px inputs) or ``"auto"`` (small when ``img_size <= 64``).
+            no pool: for 8–64 px inputs) or ``"auto"`` (small when ``image_size <= 64``).
         output_stride: 32, or 16 / 8 to replace the stride of layer4 / layers 3 and 4 by dilation (same weights,
             larger feature map; for segmentation).
-        head: ``"gap"`` (global average pool) or ``"gdc"`` (global depthwise conv sized from ``img_size``).
+        head: ``"gap"`` (global average pool) or ``"gdc"`` (global depthwise conv sized from ``image_size``).
         groups, width_per_group: ResNeXt cardinality and channels per group (Bottleneck only).
         zero_init_residual: start each residual branch's last norm at weight 0, so every block begins as identity.
         drop_rate: dropout before ``fc``.
         norm_layer / act_layer / attn_layer: see the model contract; ``attn_layer(C)`` runs on the residual branch
             after its last norm, before the add.
 
-    ``forward_features(x: Tensor[N, in_chans, H, W]) -> Tensor[N, num_features, h, w]``; ``named_stages()`` lists
-    the stage modules in order (``stem``, ``layer1``..``layer4``); ``feature_info`` gives each stage's name, channels
-    (``num_chs``) and ``reduction``.
+    ``forward_features(x: Tensor[N, in_chans, H, W]) -> Tensor[N, num_features, h, w]``. Stages (``feature_info``,
+    and ``create_model(name, features_only=True)``): ``act1`` (the stem conv's output, before the max-pool), then
+    ``layer1``..``layer4``; reductions 2, 4, 8, 16, 32 with the standard stem (output stride 16: 2, 4, 8, 16, 16;
+    8: 2, 4, 8, 8, 8) and 1, 1, 2, 4, 8 with the small one.
     """
 
     def __init__(
@@ -205,7 +206,7 @@ class ResNet(nn.Module):
         layers: list[int],
         num_classes: int = 1000,
         in_chans: int = 3,
-        img_size: int = 224,
+        image_size: int = 224,
         stem: str = "auto",
         output_stride: int = 32,
         head: str = "gap",
@@ -227,17 +228,15 @@ class ResNet(nn.Module):
         )
 
         stem_chs = 64
-        if use_small_stem(stem, img_size):
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-            strides = []
-        else:
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-            strides = [2, 2]
+        small = use_small_stem(stem, image_size)
+        # Registered in forward order (conv1, bn1, act1, maxpool, layer1..4): the feature runner follows it.
+        kernel, stride = (3, 1) if small else (7, 2)
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel, stride, kernel // 2, bias=False)
         self.bn1 = norm_layer(stem_chs)
         self.act1 = act_layer()
-        self.feature_info = [dict(name="stem", num_chs=stem_chs, reduction=math.prod(strides))]
+        self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
+        self.feature_info = FeatureInfo([dict(num_chs=stem_chs, reduction=stride, module="act1")])
+        strides = [] if small else [2, 2]
 
         in_chs, dilation = stem_chs, 1
         dilated = (False, *_DILATED_LAYERS[output_stride])
@@ -251,10 +250,10 @@ class ResNet(nn.Module):
             self.add_module(name, layer)
             in_chs = planes * block.expansion
             strides.append(stride)
-            self.feature_info.append(dict(name=name, num_chs=in_chs, reduction=math.prod(strides)))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=math.prod(strides), module=name))
 
         self.num_features = in_chs
-        self.feature_size = conv_output_size(img_size, strides)
+        self.feature_size = conv_output_size(image_size, strides)
         self.global_pool = make_global_pool(head, in_chs, self.feature_size, norm_layer)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_chs, num_classes)
@@ -288,20 +287,10 @@ class ResNet(nn.Module):
         blocks += [block(out_chs, planes, dilation=dilation, **block_kwargs) for _ in range(depth - 1)]
         return nn.Sequential(*blocks)
 
-    def named_stages(self) -> list[tuple[str, nn.Module]]:
-        """``(name, module)`` per stage, in order; running them one after another equals ``forward_features``.
-
-        ``stem`` is a fresh ``nn.Sequential`` over the stem's modules (conv1, bn1, act1, maxpool): it shares their
-        parameters and is not registered, so the ``state_dict`` keeps torchvision's keys.
-        """
-        stem = nn.Sequential(self.conv1, self.bn1, self.act1, self.maxpool)
-        return [("stem", stem)] + [(f"layer{i}", self.get_submodule(f"layer{i}")) for i in range(1, 5)]
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[N, in_chans, H, W] → Tensor[N, num_features, H / r, W / r] with r the output stride."""
-        for _, stage in self.named_stages():
-            x = stage(x)
-        return x
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[N, num_features, h, w] → logits Tensor[N, num_classes]."""

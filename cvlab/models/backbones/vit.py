@@ -23,7 +23,9 @@ from cvlab.layers.transformer import (
     TransformerEncoderLayer,
     truncated_normal_,
 )
+from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.models._registry import register_model
+from cvlab.models.backbones.features import Backbone, FeatureInfo
 
 # Inputs up to this size get a patch size that leaves an 8×8 grid of tokens (see VisionTransformer).
 _SMALL_IMAGE_MAX = 64
@@ -35,16 +37,16 @@ class PatchEmbedding(nn.Module):
     position embeddings, dropout.
 
     The class token and position embeddings live here so that every parameter before the encoder belongs to this
-    stage. The input must have the ``img_size`` the model was built for: each position embedding belongs to one
+    stage. The input must have the ``image_size`` the model was built for: each position embedding belongs to one
     patch location.
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, drop_rate: float = 0.0):
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, embed_dim: int, drop_rate: float = 0.0):
         super().__init__()
-        if patch_size > img_size:
-            raise ValueError(f"patch_size {patch_size} is larger than img_size {img_size}")
-        self.img_size = img_size
-        self.grid_size = img_size // patch_size
+        if patch_size > image_size:
+            raise ValueError(f"patch_size {patch_size} is larger than image_size {image_size}")
+        self.image_size = image_size
+        self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -54,15 +56,16 @@ class PatchEmbedding(nn.Module):
         patches = self.proj(x)  # Tensor[N, E, H/p, W/p]
         if patches.shape[-2:] != (self.grid_size, self.grid_size):
             raise ValueError(
-                f"ViT built for {self.img_size}x{self.img_size} inputs got {tuple(x.shape[-2:])}; set img_size to match"
+                f"ViT built for {self.image_size}x{self.image_size} inputs got {tuple(x.shape[-2:])}; "
+                "set image_size to match"
             )
         tokens = patches.flatten(2).transpose(1, 2)  # Tensor[N, L, E]
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return self.pos_embed(torch.cat([cls, tokens], dim=1))
 
 
-class VisionTransformer(nn.Module):
-    """ViT classifier: ``forward(Tensor[N, in_chans, img_size, img_size]) -> Tensor[N, num_classes]``.
+class VisionTransformer(Backbone):
+    """ViT classifier: ``forward(Tensor[N, in_chans, image_size, image_size]) -> Tensor[N, num_classes]``.
 
     =========  =========  =====  =====  ========  =============================
     model      embed_dim  depth  heads  MLP dim   params (1000 classes, 224²)
@@ -77,9 +80,10 @@ class VisionTransformer(nn.Module):
 
     Options:
 
-    - ``patch_size=None``: 16, except for small images (``img_size <= 64``) where it is ``max(1, img_size // 8)``,
-      an 8×8 token grid: 32² → 4×4 patches, 64 tokens; 8² digits → 1×1 patches, 64 tokens; 28² → 3×3 patches,
-      9×9 tokens (the strided projection drops the last ``img_size % patch_size`` rows and columns).
+    - ``patch_size=None``: 16, except for small images (``image_size <= 64``) where it is
+      ``max(1, image_size // 8)``, an 8×8 token grid: 32² → 4×4 patches, 64 tokens; 8² digits → 1×1 patches,
+      64 tokens; 28² → 3×3 patches, 9×9 tokens (the strided projection drops the last ``image_size % patch_size``
+      rows and columns).
     - ``drop_rate``: dropout after the position embedding, on the attention output and inside the MLP;
       ``attn_drop_rate``: dropout on attention weights.
     - ``norm_layer``: None = ``nn.LayerNorm(eps=1e-6)``. Any other value is a channel-first factory of the layer
@@ -89,9 +93,10 @@ class VisionTransformer(nn.Module):
     - ``act_layer``: None = GELU; replaces the MLP activation.
     - ``attn_layer`` (entry points only): ignored with a warning; the attention plug-ins are for CNN feature maps.
 
-    Like the CNNs: ``stages()`` names ``patch_embed``, ``blocks``, ``norm`` (running them in turn equals
-    ``forward_features``; with ``head`` they hold every parameter), ``feature_info`` gives each stage's channels and
-    reduction (the patch size), ``num_features`` is the token width.
+    Stages (``feature_info``, and ``create_model(name, features_only=True)``): ``patch_embed``, ``blocks.0`` ..
+    ``blocks.<depth - 1>``, ``norm`` (the last equals ``forward_features``), each ``embed_dim`` channels at
+    reduction = the patch size. As features the class token is dropped and the patch tokens are laid out on their
+    grid, ``Tensor[N, embed_dim, H / p, W / p]``. ``num_features`` is the token width.
 
     Initialisation (timm / the ViT reference): class token, position embeddings and Linear weights truncated-normal
     std 0.02 (cut at ±2 std), biases 0, LayerNorm weight 1 bias 0; the patch projection is initialised like a Linear
@@ -103,7 +108,7 @@ class VisionTransformer(nn.Module):
         self,
         num_classes: int = 1000,
         in_chans: int = 3,
-        img_size: int = 224,
+        image_size: int = 224,
         patch_size: int | None = None,
         embed_dim: int = 768,
         depth: int = 12,
@@ -111,19 +116,19 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
-        norm_layer=None,
-        act_layer=None,
+        norm_layer: NormFactory | None = None,
+        act_layer: ActFactory | None = None,
     ):
         super().__init__()
         if patch_size is None:
-            patch_size = max(1, img_size // _SMALL_IMAGE_GRID) if img_size <= _SMALL_IMAGE_MAX else 16
+            patch_size = max(1, image_size // _SMALL_IMAGE_GRID) if image_size <= _SMALL_IMAGE_MAX else 16
         if norm_layer is None:
             token_norm = partial(nn.LayerNorm, eps=1e-6)
         else:
             def token_norm(dim: int) -> nn.Module:
                 return ChannelsFirstTokenNorm(norm_layer(dim))
         self.num_features = embed_dim
-        self.patch_embed = PatchEmbedding(img_size, patch_size, in_chans, embed_dim, drop_rate)
+        self.patch_embed = PatchEmbedding(image_size, patch_size, in_chans, embed_dim, drop_rate)
         self.blocks = nn.Sequential(
             *(
                 TransformerEncoderLayer(
@@ -141,7 +146,9 @@ class VisionTransformer(nn.Module):
         )
         self.norm = token_norm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
-        self.feature_info = [dict(name=name, num_chs=embed_dim, reduction=patch_size) for name in self.stages()]
+        stage_names = ["patch_embed", *(f"blocks.{index}" for index in range(depth)), "norm"]
+        self.feature_info = FeatureInfo(dict(num_chs=embed_dim, reduction=patch_size, module=name)
+                                        for name in stage_names)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -160,9 +167,12 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def stages(self) -> dict[str, nn.Module]:
-        """Named stages in order; running them one after another equals ``forward_features``."""
-        return {"patch_embed": self.patch_embed, "blocks": self.blocks, "norm": self.norm}
+    @staticmethod
+    def feature_map(tokens: torch.Tensor, input_size: tuple[int, int], reduction: int) -> torch.Tensor:
+        """Tokens Tensor[N, 1 + h·w, E] → Tensor[N, E, h, w] (h, w = input size // patch size): the class token
+        dropped, each patch token at its patch's place."""
+        height, width = input_size[0] // reduction, input_size[1] // reduction
+        return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[N, C, H, W] → normalised tokens Tensor[N, 1 + L, E] (index 0 is the class token)."""
@@ -176,7 +186,8 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _vit(embed_dim: int, depth: int, num_heads: int, attn_layer=None, **kwargs) -> VisionTransformer:
+def _vit(embed_dim: int, depth: int, num_heads: int, attn_layer: AttnFactory | None = None,
+         **kwargs) -> VisionTransformer:
     if attn_layer is not None:
         # The contract's attention plug-ins are channel/spatial blocks for CNN feature maps; ViT already attends.
         warnings.warn("attn_layer is ignored by ViT: attention plug-ins apply to CNNs", stacklevel=3)

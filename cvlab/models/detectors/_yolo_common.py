@@ -1,8 +1,6 @@
-"""Pieces shared by the YOLO detectors: the train/eval forward of the detection contract, the anchor-based detector
-(YOLOv2 / YOLOv3 and their tiny variants) and its prediction head.
-
-Layout of a raw anchor-based output: per level ``Tensor[N, A, H, W, 5 + C]`` holding, for each of the ``A`` anchors
-of each cell, ``(tx, ty, tw, th, to, class logits…)`` — the channel order of Darknet's region / yolo layers.
+"""Pieces shared by the YOLO detectors: the train/eval forward of the detection contract, the loss and backbone
+options, and the anchor-based detector (YOLOv2 / YOLOv3 and their tiny variants) assembled from backbone, neck and
+:class:`~cvlab.models.heads.anchor_head.AnchorHead`.
 """
 from __future__ import annotations
 
@@ -11,28 +9,71 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from cvlab.layers.conv import ActFactory, ConvNormAct, NormFactory
 from cvlab.layers.init import restore_own_inits
 from cvlab.losses.yolo import AnchorYoloLoss
+from cvlab.models._registry import create_model, list_models, model_task
 from cvlab.models.backbones.darknet import init_darknet_weights
-from cvlab.ops.postprocess import DetectionPostprocess, decode_anchor_boxes
+from cvlab.models.heads.anchor_head import AnchorHead
+from cvlab.ops.postprocess import DetectionPostprocess
+from cvlab.utils.errors import UserError
 
-# Anchor sets of the released cfgs are for 416×416 inputs; cvlab scales them to the model's img_size.
-RELEASE_IMG_SIZE = 416
+# Anchor sets of the released cfgs are for 416×416 inputs; cvlab scales them to the model's image_size.
+RELEASE_IMAGE_SIZE = 416
 
 
 def anchors_for(anchors: Sequence[Sequence[float]] | None, default_at_416: Sequence[Sequence[float]],
-                img_size: int) -> torch.Tensor:
-    """Tensor[K, 2] anchor (w, h) in pixels: the user's list as given (pixels at the model's img_size), else the
-    released default rescaled from 416 px to ``img_size``."""
+                image_size: int) -> torch.Tensor:
+    """Tensor[K, 2] anchor (w, h) in pixels: the user's list as given (pixels at the model's image_size), else the
+    released default rescaled from 416 px to ``image_size``."""
     if anchors is not None:
         # Plain floats first: Hydra hands the list over as nested ListConfig.
         wh = torch.tensor([(float(w), float(h)) for w, h in anchors], device="cpu")
     else:
-        wh = torch.as_tensor(default_at_416, dtype=torch.float32, device="cpu") * (img_size / RELEASE_IMG_SIZE)
+        wh = torch.as_tensor(default_at_416, dtype=torch.float32, device="cpu") * (image_size / RELEASE_IMAGE_SIZE)
     if (wh <= 0).any():
         raise ValueError(f"anchor sizes must be positive, got {wh.tolist()}")
     return wh
+
+
+def check_loss(loss: nn.Module | None, fits: type[nn.Module], options: str, model: str,
+               default: Callable[[], nn.Module]) -> nn.Module:
+    """``loss``, or ``default()`` (the paper's loss) when None; a loss of another kind is refused, naming the
+    ``loss=`` options (``options``) whose targets are ``fits``."""
+    if loss is None:
+        return default()
+    if not isinstance(loss, fits):
+        raise UserError(f"{model} cannot train with {type(loss).__name__}; its loss is a "
+                        f"{fits.__module__}.{fits.__name__}: choose {options}.")
+    return loss
+
+
+def yolo_backbone(backbone: str | None, paper_trunk: Callable[[], nn.Module], num_levels: int, model: str,
+                  image_size: int, **backbone_kwargs) -> nn.Module:
+    """The feature module a YOLO reads its ``num_levels`` levels from (finest first): the paper's trunk when
+    ``backbone`` is None, else the zoo backbone's last ``num_levels`` stages
+    (``create_model(backbone, features_only=True, image_size=image_size, **backbone_kwargs)``).
+
+    Consecutive levels must halve the resolution (the necks upsample ×2 or reorganise 2×2 blocks), so a backbone
+    whose stages do not (ViT) is refused; ``image_size`` must be a multiple of the coarsest level's stride.
+    """
+    if backbone is None:
+        trunk = paper_trunk()
+    else:
+        backbones = list_models(task="classification")
+        if backbone not in backbones:
+            model_task(backbone)  # an unknown name gets the registry's close matches
+            raise UserError(f"{model}'s backbone must be a classification model, got {backbone!r}; "
+                            f"choose one of {', '.join(backbones)}.")
+        trunk = create_model(backbone, features_only=True, out_indices=tuple(range(-num_levels, 0)),
+                             image_size=image_size, **backbone_kwargs)
+    reductions = trunk.feature_info.reductions()
+    if any(fine * 2 != coarse for fine, coarse in zip(reductions, reductions[1:])):
+        raise UserError(f"{model} reads {num_levels} backbone levels, each at half the resolution of the one "
+                        f"before (strides such as 8, 16, 32), but {backbone}'s last {num_levels} stages have "
+                        f"reductions {reductions}; choose a CNN backbone (resnet*, mobilenet*, darknet*).")
+    if image_size % reductions[-1]:
+        raise ValueError(f"{model} needs image_size to be a multiple of {reductions[-1]}, got {image_size}")
+    return trunk
 
 
 class YoloDetector(nn.Module):
@@ -59,93 +100,49 @@ class YoloDetector(nn.Module):
         return self.postprocess(boxes, scores, image_size)
 
 
-# Starting probabilities of the output conv: an object in ~1 % of the anchor slots (Lin et al. 2017, "Focal Loss for
-# Dense Object Detection", §4.1), every class equally likely.
-OBJECTNESS_PRIOR = 0.01
-
-
-class AnchorOutputConv(nn.Conv2d):
-    """The biased 1×1 conv to the raw predictions ``A·(tx, ty, tw, th, to, C class logits)``, started at the prior.
-
-    Darknet starts it like every other conv, so the first steps predict an object with probability ~½ in every
-    slot and the no-object term, summed over hundreds of slots, swamps the few positives' box and class gradients.
-    Here the weights start small (std 0.01) and the biases at the prior: ``σ(to) = 0.01`` and every class logit
-    ``logit(1 / C)``, which gives ``1 / C`` under the sigmoid (YOLOv3) and a uniform softmax (YOLOv2) alike. On
-    shapes_det this is what lets yolov3_tiny learn its classes in minutes (BENCHMARKS.md).
-    """
-
-    keeps_own_init = True  # cvlab.models.create_model and the init group re-apply reset_parameters()
-
-    def __init__(self, in_chs: int, num_anchors: int, num_classes: int):
-        self.num_anchors, self.num_classes = num_anchors, num_classes
-        super().__init__(in_chs, num_anchors * (5 + num_classes), 1)
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.01)
-        bias = torch.zeros(self.num_anchors, 5 + self.num_classes)
-        bias[:, 4] = torch.logit(torch.tensor(OBJECTNESS_PRIOR))
-        # logit(1 / C) is infinite for C = 1: a single class starts at ½.
-        bias[:, 5:] = torch.logit(torch.tensor(1.0 / self.num_classes)) if self.num_classes > 1 else 0.0
-        with torch.no_grad():
-            self.bias.copy_(bias.flatten())
-
-
-class PredictionHead(nn.Sequential):
-    """3×3 conv-norm-act to ``hidden_chs``, then the :class:`AnchorOutputConv` to ``num_anchors`` predictions."""
-
-    def __init__(self, in_chs: int, hidden_chs: int, num_anchors: int, num_classes: int,
-                 norm_layer: NormFactory | None, act_layer: ActFactory):
-        super().__init__(ConvNormAct(in_chs, hidden_chs, 3, norm_layer=norm_layer, act_layer=act_layer),
-                         AnchorOutputConv(hidden_chs, num_anchors, num_classes))
-
-
 class AnchorYolo(YoloDetector):
-    """A YOLO with anchors (v2, v3): ``body(images)`` gives one raw map per level, ``Tensor[N, A_l·(5+C), H, W]``,
-    each from an :class:`AnchorOutputConv`.
+    """A YOLO with anchors (v2, v3): ``head(neck(backbone(images)))`` gives one raw level
+    ``Tensor[N, A, H_l, W_l, 5 + C]`` per entry of ``anchor_masks``, in that order.
 
     Args:
-        body: the network; its ``forward`` returns the level maps in the order of ``anchor_masks``.
+        backbone: feature module, ``forward(images) -> list[Tensor]`` (finest level first).
+        neck: levels in, levels out (``nn.Identity`` to pass the backbone's levels on).
+        head: the :class:`~cvlab.models.heads.anchor_head.AnchorHead`.
         anchors: Tensor[K, 2] (w, h) in pixels.
-        anchor_masks: for each level, the indices of its anchors in ``anchors``.
-        loss: the :class:`~cvlab.losses.yolo.AnchorYoloLoss` to train with.
-        class_activation: ``torch.softmax``-like map from class logits Tensor[..., C] to probabilities.
+        anchor_masks: for each output level, the indices of its anchors in ``anchors``.
+        loss: the :class:`~cvlab.losses.yolo.AnchorYoloLoss` to train with; its class probabilities (softmax or
+            sigmoid) also score the classes at eval.
 
     Eval scores are ``σ(to) · class probability``; the grid follows the input, so any size that is a multiple of
-    the largest stride works.
+    the largest stride works. The neck and head start with Darknet's init (and the output convs at their prior);
+    the backbone keeps its own.
     """
 
-    def __init__(self, body: nn.Module, anchors: torch.Tensor, anchor_masks: Sequence[Sequence[int]],
-                 num_classes: int, loss: AnchorYoloLoss,
-                 class_activation: Callable[[torch.Tensor], torch.Tensor], postprocess: DetectionPostprocess):
+    def __init__(self, backbone: nn.Module, neck: nn.Module, head: AnchorHead, anchors: torch.Tensor,
+                 anchor_masks: Sequence[Sequence[int]], loss: AnchorYoloLoss, postprocess: DetectionPostprocess):
         super().__init__(postprocess)
-        self.body = body
-        self.num_classes = num_classes
+        self.backbone, self.neck, self.head = backbone, neck, head
+        self.num_classes = head.num_classes
         self.register_buffer("anchors", anchors)
         self.anchor_masks = [list(mask) for mask in anchor_masks]
         self.loss = loss
-        self.class_activation = class_activation
-        init_darknet_weights(self)
-        restore_own_inits(self)  # the output convs' prior
+        for part in (neck, head):
+            init_darknet_weights(part)
+        restore_own_inits(head)  # the output convs' prior
 
     def level_anchors(self) -> list[torch.Tensor]:
         return [self.anchors[mask] for mask in self.anchor_masks]
 
+    def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class logits Tensor[..., C] → probabilities, as the loss trains them (softmax or sigmoid)."""
+        return self.loss.class_probabilities(logits)
+
     def forward_raw(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Tensor[N, 3, H, W] → per level Tensor[N, A, H_l, W_l, 5 + C]."""
-        levels = []
-        for level_map, mask in zip(self.body(images), self.anchor_masks):
-            batch, _, height, width = level_map.shape
-            levels.append(level_map.view(batch, len(mask), 5 + self.num_classes, height, width).permute(0, 1, 3, 4, 2))
-        return levels
+        return self.head(self.neck(self.backbone(images)))
 
     def compute_loss(self, raw: list[torch.Tensor], targets: list[dict], image_size: tuple[int, int]):
         return self.loss(raw, self.level_anchors(), targets, image_size)
 
     def decode(self, raw: list[torch.Tensor], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        boxes, scores = [], []
-        for level, anchors in zip(raw, self.level_anchors()):
-            batch = level.shape[0]
-            boxes.append(decode_anchor_boxes(level[..., :4], anchors, image_size).reshape(batch, -1, 4))
-            level_scores = level[..., 4:5].sigmoid() * self.class_activation(level[..., 5:])
-            scores.append(level_scores.reshape(batch, -1, self.num_classes))
-        return torch.cat(boxes, 1), torch.cat(scores, 1)
+        return self.head.decode(raw, self.level_anchors(), image_size, self.class_probabilities)

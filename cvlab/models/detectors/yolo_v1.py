@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cvlab.layers.conv import ActFactory, ConvNormAct, NormFactory
+from cvlab.layers.conv import ConvNormAct
+from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.losses.yolo import YoloV1Loss
 from cvlab.models._registry import register_model
-from cvlab.models.backbones.darknet import AttnFactory, init_darknet_weights, leaky_relu, scale_width
-from cvlab.models.detectors._yolo_common import YoloDetector
+from cvlab.models.backbones.darknet import init_darknet_weights, leaky_relu, scale_width
+from cvlab.models.detectors._yolo_common import YoloDetector, check_loss
 from cvlab.ops.postprocess import DetectionPostprocess, decode_cell_boxes
 
 # Trunks as (out_chs, kernel, stride) convs and "M" for a 2×2 max-pool.
@@ -83,9 +84,9 @@ class YOLOv1(YoloDetector):
         layout: the trunk, as (out_chs, kernel, stride) convs and ``"M"`` pools (total stride 64).
         hidden_features: width of the first FC layer (4096 in YOLOv1, scaled by ``width``); None for Fast YOLO's
             single FC layer.
-        img_size: input size, a multiple of 64; the grid is S = img_size / 64. The FC layers fix the input size.
+        image_size: input size, a multiple of 64; the grid is S = image_size / 64. The FC layers fix the input size.
         num_boxes: B, the boxes predicted per cell.
-        lambda_coord, lambda_noobj: the loss weights (5, 0.5).
+        loss: a :class:`~cvlab.losses.yolo.YoloV1Loss`; None = its paper settings (λcoord 5, λnoobj 0.5).
         conf_thresh, iou_thresh, max_det, …: post-processing (:class:`~cvlab.ops.postprocess.DetectionPostprocess`).
 
     Raw outputs (``forward_raw``): boxes ``Tensor[N, S, S, B, 5]`` as (x, y, √w, √h, C) and class scores
@@ -93,16 +94,16 @@ class YOLOv1(YoloDetector):
     """
 
     def __init__(self, layout=_YOLOV1_TRUNK, hidden_features: int | None = 4096, num_classes: int = 80,
-                 img_size: int = 448, width: float = 1.0, num_boxes: int = 2, drop_rate: float = 0.5,
+                 image_size: int = 448, width: float = 1.0, num_boxes: int = 2, drop_rate: float = 0.5,
                  norm_layer: NormFactory | None = None, act_layer: ActFactory | None = None,
-                 attn_layer: AttnFactory | None = None, lambda_coord: float = 5.0, lambda_noobj: float = 0.5,
-                 **postprocess_kwargs):
+                 attn_layer: AttnFactory | None = None, loss: nn.Module | None = None, **postprocess_kwargs):
         super().__init__(DetectionPostprocess(**postprocess_kwargs))
-        if img_size % _OUTPUT_STRIDE:
-            raise ValueError(f"YOLOv1 needs img_size to be a multiple of {_OUTPUT_STRIDE}, got {img_size}")
+        if image_size % _OUTPUT_STRIDE:
+            raise ValueError(f"YOLOv1 needs image_size to be a multiple of {_OUTPUT_STRIDE}, got {image_size}")
+        self.loss = check_loss(loss, YoloV1Loss, "loss=yolov1", "YOLOv1", YoloV1Loss)
         act_layer = act_layer or leaky_relu
-        self.grid_size = img_size // _OUTPUT_STRIDE
-        self.img_size = img_size
+        self.grid_size = image_size // _OUTPUT_STRIDE
+        self.image_size = image_size
         self.num_boxes = num_boxes
         self.num_classes = num_classes
         self.trunk, trunk_chs = _make_trunk(layout, width, norm_layer, act_layer, attn_layer)
@@ -116,13 +117,12 @@ class YOLOv1(YoloDetector):
             in_features = hidden_features
         fc_layers.append(nn.Linear(in_features, num_outputs))
         self.head = nn.Sequential(*fc_layers)
-        self.loss = YoloV1Loss(lambda_coord, lambda_noobj)
         init_darknet_weights(self)
 
     def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tensor[N, 3, img_size, img_size] → (boxes Tensor[N, S, S, B, 5], class scores Tensor[N, S, S, C])."""
-        if images.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"YOLOv1's FC layers fix its input to {self.img_size}×{self.img_size}, "
+        """Tensor[N, 3, image_size, image_size] → (boxes Tensor[N, S, S, B, 5], class scores Tensor[N, S, S, C])."""
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"YOLOv1's FC layers fix its input to {self.image_size}×{self.image_size}, "
                              f"got {tuple(images.shape[-2:])}")
         grid = self.grid_size
         out = self.head(self.trunk(images)).view(-1, grid, grid, 5 * self.num_boxes + self.num_classes)
@@ -140,21 +140,21 @@ class YOLOv1(YoloDetector):
         return boxes, scores.reshape(batch, -1, self.num_classes)
 
 
-def _yolov1(layout, hidden_features: int | None, num_classes: int, img_size: int, width: float,
+def _yolov1(layout, hidden_features: int | None, num_classes: int, image_size: int, width: float,
             norm_layer: NormFactory | None, act_layer: ActFactory | None, **kwargs) -> YOLOv1:
-    return YOLOv1(layout, hidden_features, num_classes, img_size, width, norm_layer=norm_layer, act_layer=act_layer,
+    return YOLOv1(layout, hidden_features, num_classes, image_size, width, norm_layer=norm_layer, act_layer=act_layer,
                   **kwargs)
 
 
 @register_model(task="detection")
-def yolov1(num_classes: int = 80, img_size: int = 448, width: float = 1.0, norm_layer=None, act_layer=None,
+def yolov1(num_classes: int = 80, image_size: int = 448, width: float = 1.0, norm_layer=None, act_layer=None,
            **kwargs) -> YOLOv1:
-    """YOLOv1: 24 conv + FC 4096 + FC S·S·(5B + C); S = img_size / 64."""
-    return _yolov1(_YOLOV1_TRUNK, 4096, num_classes, img_size, width, norm_layer, act_layer, **kwargs)
+    """YOLOv1: 24 conv + FC 4096 + FC S·S·(5B + C); S = image_size / 64."""
+    return _yolov1(_YOLOV1_TRUNK, 4096, num_classes, image_size, width, norm_layer, act_layer, **kwargs)
 
 
 @register_model(task="detection")
-def yolov1_tiny(num_classes: int = 80, img_size: int = 448, width: float = 1.0, norm_layer=None, act_layer=None,
+def yolov1_tiny(num_classes: int = 80, image_size: int = 448, width: float = 1.0, norm_layer=None, act_layer=None,
                 **kwargs) -> YOLOv1:
     """Fast YOLO (released yolov1-tiny.cfg): 8 conv + one FC."""
-    return _yolov1(_FAST_YOLO_TRUNK, None, num_classes, img_size, width, norm_layer, act_layer, **kwargs)
+    return _yolov1(_FAST_YOLO_TRUNK, None, num_classes, image_size, width, norm_layer, act_layer, **kwargs)

@@ -2,103 +2,47 @@
 
 Paper: Redmon & Farhadi 2018, "YOLOv3: An Incremental Improvement".
 
-YOLOv3 predicts at three scales (strides 32, 16, 8: 13, 26, 52 cells at 416 px) from a Darknet-53 trunk, FPN-style:
-the coarse branch's features go through a 1×1 conv, are upsampled ×2 and concatenated with the trunk's features of
-the next finer stride. Each scale has 3 of the 9 k-means anchors (largest on the coarsest grid) and predicts per
-anchor ``(tx, ty, tw, th, to)`` plus one independent logistic classifier per class (BCE, no softmax). Layout as the
-released ``yolov3.cfg``: per scale five alternating 1×1 / 3×3 convs (512/1024, 256/512, 128/256 channels), then a
-3×3 conv and the 1×1 output conv. Loss: :class:`~cvlab.losses.yolo.YoloV3Loss`.
+YOLOv3 predicts at three scales (strides 32, 16, 8: 13, 26, 52 cells at 416 px) from a Darknet-53 trunk through an
+FPN-style neck (:class:`~cvlab.models.necks.yolo_fpn.YoloV3FPN`): the coarse branch's features go through a 1×1
+conv, are upsampled ×2 and concatenated with the trunk's features of the next finer stride. Each scale has 3 of the
+9 k-means anchors (largest on the coarsest grid) and predicts per anchor ``(tx, ty, tw, th, to)`` plus one
+independent logistic classifier per class (BCE, no softmax). Layout as the released ``yolov3.cfg``: per scale five
+alternating 1×1 / 3×3 convs (512/1024, 256/512, 128/256 channels), then the head's 3×3 conv and 1×1 output conv
+(:class:`~cvlab.models.heads.anchor_head.AnchorHead`). Loss: :class:`~cvlab.losses.yolo.YoloV3Loss`.
 
 YOLOv3-tiny is the released ``yolov3-tiny.cfg``: the :class:`~cvlab.models.backbones.darknet.TinyDarknet` trunk,
-two scales (strides 32, 16) with 3 of 6 anchors each (the released file's masks 3,4,5 and 0,1,2).
+two scales (strides 32, 16) with 3 of 6 anchors each (the released file's masks 3,4,5 and 0,1,2); its neck is the
+same top-down path with one 1×1 conv (256) at the coarse scale and none at the fine one.
 
-The grid follows the input: any input whose sides are multiples of 32 works (multi-scale training).
+``backbone=<zoo name>`` replaces the trunk by any classification backbone whose last stages halve the resolution
+(resnet*, mobilenet*, darknet*); the neck takes its widths from the backbone's ``feature_info``. The grid follows the
+input: any input whose sides are multiples of the coarsest stride works (multi-scale training).
 """
 from __future__ import annotations
 
 from functools import partial
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from cvlab.layers.conv import ActFactory, ConvNormAct, NormFactory
-from cvlab.losses.yolo import YoloV3Loss
-from cvlab.models._registry import register_model
-from cvlab.models.backbones.darknet import AttnFactory, Darknet, TinyDarknet, leaky_relu, scale_width
-from cvlab.models.detectors._yolo_common import AnchorYolo, PredictionHead, anchors_for
+from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
+from cvlab.losses.yolo import AnchorYoloLoss, YoloV3Loss
+from cvlab.models._registry import create_model, register_model
+from cvlab.models.backbones.darknet import leaky_relu, scale_width, tiny_darknet_features
+from cvlab.models.detectors._yolo_common import AnchorYolo, anchors_for, check_loss, yolo_backbone
+from cvlab.models.heads.anchor_head import AnchorHead
+from cvlab.models.necks.yolo_fpn import YoloV3FPN
 from cvlab.ops.postprocess import DetectionPostprocess
 
-STRIDE = 32
 # Released anchors, (w, h) in pixels of a 416 px input, smallest first.
 _YOLOV3_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
 _YOLOV3_TINY_ANCHORS = ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319))
-_LEVEL_CHS = (512, 256, 128)  # per scale, coarse to fine: the 1×1 width of its conv set
-
-
-def _conv_set(in_chs: int, chs: int, conv) -> nn.Sequential:
-    """Five convs alternating 1×1 to ``chs`` and 3×3 to ``2·chs``, ending on the 1×1."""
-    return nn.Sequential(conv(in_chs, chs, 1), conv(chs, 2 * chs, 3), conv(2 * chs, chs, 1),
-                         conv(chs, 2 * chs, 3), conv(2 * chs, chs, 1))
-
-
-class YOLOv3Body(nn.Module):
-    """Darknet-53 → three scales, coarse to fine; ``forward(x) -> [P5, P4, P3]`` raw maps ``Tensor[N, A·(5 + C), h, w]``
-    at strides 32, 16, 8."""
-
-    def __init__(self, num_anchors: int, num_classes: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
-                 attn_layer: AttnFactory | None):
-        super().__init__()
-        self.backbone = Darknet(53, num_classes=0, width=width, norm_layer=norm_layer, act_layer=act_layer,
-                                attn_layer=attn_layer)
-        trunk_chs = [info["num_chs"] for info in reversed(self.backbone.feature_info[-3:])]  # C5, C4, C3
-        level_chs = [scale_width(chs, width) for chs in _LEVEL_CHS]
-        conv = partial(ConvNormAct, norm_layer=norm_layer, act_layer=act_layer)
-        self.conv_sets, self.heads, self.laterals = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for level, (feature_chs, chs) in enumerate(zip(trunk_chs, level_chs)):
-            in_chs = feature_chs
-            if level:
-                # The coarser branch is reduced to this level's width, upsampled and concatenated first.
-                self.laterals.append(conv(level_chs[level - 1], chs, 1))
-                in_chs += chs
-            self.conv_sets.append(_conv_set(in_chs, chs, conv))
-            self.heads.append(PredictionHead(chs, 2 * chs, num_anchors, num_classes, norm_layer, act_layer))
-        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        c3, c4, c5 = self.backbone.forward_multiscale(x)
-        x = self.conv_sets[0](c5)
-        outputs = [self.heads[0](x)]
-        for lateral, conv_set, head, skip in zip(self.laterals, self.conv_sets[1:], self.heads[1:], (c4, c3)):
-            x = conv_set(torch.cat([self.upsample(lateral(x)), skip], dim=1))
-            outputs.append(head(x))
-        return outputs
-
-
-class TinyYOLOv3Body(nn.Module):
-    """TinyDarknet → conv1×1(256) → [3×3(512) → out] at stride 32; conv1×1(128), upsample, ⊕ the stride-16
-    256-channel trunk features → [3×3(256) → out] at stride 16 (yolov3-tiny.cfg)."""
-
-    def __init__(self, num_anchors: int, num_classes: int, width: float, norm_layer: NormFactory | None, act_layer: ActFactory,
-                 attn_layer: AttnFactory | None):
-        super().__init__()
-        self.trunk = TinyDarknet(width=width, norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer)
-        c4_chs, c5_chs = (info["num_chs"] for info in self.trunk.feature_info)
-        reduced_chs, lateral_chs = scale_width(256, width), scale_width(128, width)
-        conv = partial(ConvNormAct, norm_layer=norm_layer, act_layer=act_layer)
-        self.reduce = conv(c5_chs, reduced_chs, 1)
-        self.head_coarse = PredictionHead(reduced_chs, scale_width(512, width), num_anchors, num_classes,
-                                         norm_layer, act_layer)
-        self.lateral = conv(reduced_chs, lateral_chs, 1)
-        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
-        self.head_fine = PredictionHead(lateral_chs + c4_chs, scale_width(256, width), num_anchors,
-                                       num_classes, norm_layer, act_layer)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        c4, c5 = self.trunk.forward_multiscale(x)
-        x = self.reduce(c5)
-        fine = torch.cat([self.upsample(self.lateral(x)), c4], dim=1)
-        return [self.head_coarse(x), self.head_fine(fine)]
+# Per scale, coarse to fine: the 1×1 width of the neck's conv set, and its number of convs.
+_LEVEL_CHS, _DEPTHS = (512, 256, 128), (5, 5, 5)
+_TINY_LEVEL_CHS, _TINY_DEPTHS = (256, 128), (1, 0)
+# The head's 3×3 conv per scale, coarse to fine: twice the conv set's width (yolov3.cfg), 512 and 256 (tiny).
+_HIDDEN_CHS = (1024, 512, 256)
+_TINY_HIDDEN_CHS = (512, 256)
 
 
 class YOLOv3(AnchorYolo):
@@ -115,43 +59,66 @@ class YOLOv3(AnchorYolo):
 
     Args:
         tiny: build YOLOv3-tiny.
-        anchors: list of (w, h) in pixels at ``img_size`` (e.g. from ``cvlab.ops.anchors.kmeans_anchors``), a
+        image_size: the training input size (a multiple of the coarsest stride, 32 for the paper trunk); it scales
+            the default anchors.
+        width: channel multiplier of the paper trunk, the neck and the head.
+        backbone: None for the paper's trunk (Darknet-53; tiny: TinyDarknet), or the name of a zoo classification
+            backbone, built with ``features_only`` and this model's ``image_size`` / norm / act / attn factories
+            (``act_layer=None`` leaves it its own activation).
+        anchors: list of (w, h) in pixels at ``image_size`` (e.g. from ``cvlab.ops.anchors.kmeans_anchors``), a
             multiple of the number of scales; sorted by area, the largest go to the coarsest scale. Default: the
-            released cfg's anchors rescaled from 416 px to ``img_size``.
-        img_size: the training input size (a multiple of 32); it only scales the default anchors.
-        ignore_thresh, box_loss, coord_scale: see :class:`~cvlab.losses.yolo.YoloV3Loss`.
+            released cfg's anchors rescaled from 416 px to ``image_size``.
+        loss: an :class:`~cvlab.losses.yolo.AnchorYoloLoss`; None = :class:`~cvlab.losses.yolo.YoloV3Loss` with the
+            paper's settings.
+        norm_layer / act_layer / attn_layer: default BatchNorm2d / LeakyReLU(0.1) / none; the trunk runs
+            ``attn_layer``, as Darknet-53 and TinyDarknet do.
         conf_thresh, iou_thresh, max_det, …: post-processing (:class:`~cvlab.ops.postprocess.DetectionPostprocess`).
     """
 
-    def __init__(self, num_classes: int = 80, img_size: int = 416, width: float = 1.0, tiny: bool = False,
-                 anchors: Sequence[Sequence[float]] | None = None, norm_layer: NormFactory | None = None,
-                 act_layer: ActFactory | None = None, attn_layer: AttnFactory | None = None,
-                 ignore_thresh: float = 0.5, box_loss: str = "mse", coord_scale: float = 1.0, **postprocess_kwargs):
-        if img_size % STRIDE:
-            raise ValueError(f"YOLOv3 needs img_size to be a multiple of {STRIDE}, got {img_size}")
+    def __init__(self, num_classes: int = 80, image_size: int = 416, width: float = 1.0, tiny: bool = False,
+                 backbone: str | None = None, anchors: Sequence[Sequence[float]] | None = None,
+                 loss: nn.Module | None = None, norm_layer: NormFactory | None = None,
+                 act_layer: ActFactory | None = None, attn_layer: AttnFactory | None = None, **postprocess_kwargs):
+        name = "yolov3_tiny" if tiny else "yolov3"
+        loss = check_loss(loss, AnchorYoloLoss, "loss=yolov3 or loss=yolov2", name, YoloV3Loss)
         num_levels = 2 if tiny else 3
-        anchor_wh = anchors_for(anchors, _YOLOV3_TINY_ANCHORS if tiny else _YOLOV3_ANCHORS, img_size)
+        anchor_wh = anchors_for(anchors, _YOLOV3_TINY_ANCHORS if tiny else _YOLOV3_ANCHORS, image_size)
         if len(anchor_wh) % num_levels:
             raise ValueError(f"{len(anchor_wh)} anchors cannot be split evenly over {num_levels} scales")
         anchor_wh = anchor_wh[anchor_wh.prod(dim=1).argsort()]
         per_level = len(anchor_wh) // num_levels
-        # Coarse to fine, like the body's outputs: the coarsest grid gets the largest anchors.
+        # Coarse to fine, like the neck's outputs: the coarsest grid gets the largest anchors.
         masks = [range(level * per_level, (level + 1) * per_level) for level in reversed(range(num_levels))]
-        body_cls = TinyYOLOv3Body if tiny else YOLOv3Body
-        body = body_cls(per_level, num_classes, width, norm_layer, act_layer or leaky_relu, attn_layer)
-        super().__init__(body, anchor_wh, masks, num_classes, YoloV3Loss(ignore_thresh, box_loss, coord_scale),
-                         torch.sigmoid, DetectionPostprocess(**postprocess_kwargs))
+
+        trunk_kwargs = dict(width=width, norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer)
+        # The paper trunk keeps its stride-32 stem at every size (the classifier's stem=auto shrinks it <= 64 px).
+        # TinyDarknet's levels: the 256-channel stride-16 conv output and the last (stride-32) map.
+        paper_trunk = (partial(tiny_darknet_features, out_indices=(-3, -1), **trunk_kwargs) if tiny else
+                       partial(create_model, "darknet53", features_only=True, out_indices=(-3, -2, -1),
+                               stem="standard", image_size=image_size, **trunk_kwargs))
+        trunk = yolo_backbone(backbone, paper_trunk, num_levels, name, image_size, norm_layer=norm_layer,
+                              act_layer=act_layer, attn_layer=attn_layer)
+
+        act_layer = act_layer or leaky_relu
+        level_chs, depths = (_TINY_LEVEL_CHS, _TINY_DEPTHS) if tiny else (_LEVEL_CHS, _DEPTHS)
+        neck = YoloV3FPN(trunk.feature_info.channels(), [scale_width(chs, width) for chs in level_chs], depths,
+                         norm_layer, act_layer)
+        hidden_chs = [scale_width(chs, width) for chs in (_TINY_HIDDEN_CHS if tiny else _HIDDEN_CHS)]
+        head = AnchorHead(neck.out_channels, hidden_chs, per_level, num_classes, norm_layer, act_layer)
+        super().__init__(trunk, neck, head, anchor_wh, masks, loss, DetectionPostprocess(**postprocess_kwargs))
 
 
 @register_model(task="detection")
-def yolov3(num_classes: int = 80, img_size: int = 416, width: float = 1.0, norm_layer=None, act_layer=None,
-           **kwargs) -> YOLOv3:
-    """YOLOv3 (yolov3.cfg layout): Darknet-53, 3 scales, 9 anchors."""
-    return YOLOv3(num_classes, img_size, width, norm_layer=norm_layer, act_layer=act_layer, **kwargs)
+def yolov3(num_classes: int = 80, image_size: int = 416, width: float = 1.0, backbone: str | None = None,
+           norm_layer=None, act_layer=None, **kwargs) -> YOLOv3:
+    """YOLOv3 (yolov3.cfg layout): Darknet-53 (or ``backbone``), 3 scales, 9 anchors."""
+    return YOLOv3(num_classes, image_size, width, backbone=backbone, norm_layer=norm_layer, act_layer=act_layer,
+                  **kwargs)
 
 
 @register_model(task="detection")
-def yolov3_tiny(num_classes: int = 80, img_size: int = 416, width: float = 1.0, norm_layer=None, act_layer=None,
-                **kwargs) -> YOLOv3:
-    """YOLOv3-tiny (yolov3-tiny.cfg layout): 2 scales, 6 anchors."""
-    return YOLOv3(num_classes, img_size, width, tiny=True, norm_layer=norm_layer, act_layer=act_layer, **kwargs)
+def yolov3_tiny(num_classes: int = 80, image_size: int = 416, width: float = 1.0, backbone: str | None = None,
+                norm_layer=None, act_layer=None, **kwargs) -> YOLOv3:
+    """YOLOv3-tiny (yolov3-tiny.cfg layout): TinyDarknet (or ``backbone``), 2 scales, 6 anchors."""
+    return YOLOv3(num_classes, image_size, width, tiny=True, backbone=backbone, norm_layer=norm_layer,
+                  act_layer=act_layer, **kwargs)
