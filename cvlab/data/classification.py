@@ -1,8 +1,13 @@
 """Classification data: the embedded sets (scikit-learn's digits, procedural shapes, synthetic tensors), a folder
 of class sub-folders, and torchvision's CIFAR/MNIST loaders, behind one LightningDataModule.
 
-Transforms are torchvision.transforms.v2. Training order comes from the epoch-seeded samplers in
-``cvlab.data.samplers`` and the loaders carry their own generators, saved with the checkpoint, so a resumed run
+Every source gives a train, a validation and a test split. Files that ship splits keep theirs (``train/``,
+``val/``, ``test/`` folders; torchvision's official test split); the missing ones are cut from the training
+images, seeded and stratified by class (``data.val_fraction`` / ``data.test_fraction``, 15 % each by default),
+and the run's log says so. The generated sets draw their three splits from the seed.
+
+Transforms are torchvision.transforms.v2. Training order comes from the ``sampler`` plug-in (epoch-seeded, see
+``cvlab.data.samplers``) and the loaders carry their own generators, saved with the checkpoint, so a resumed run
 sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
@@ -10,20 +15,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
-from cvlab.data.samplers import build_sampler
+from cvlab.data.base import IMAGE_EXTENSIONS, DataInfo, SplitDataModule, cut_note, cut_splits
+from cvlab.data.shapes import SHAPE_CLASSES, ShapesClassification
 from cvlab.utils.errors import UserError
+from cvlab.utils.plugins import plain_config
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "test")
 
 # Per-channel normalisation; generic (0.5, 0.25) where a dataset has no published statistics.
 _STATS = {
@@ -37,10 +43,15 @@ _STATS = {
 
 @dataclass
 class Split:
+    """What a source reads: the three splits (images not yet transformed), the training labels, the class names,
+    how the splits were made (for the log) and the files it skipped."""
+
     train: Dataset
     val: Dataset
+    test: Dataset
     train_labels: list[int]
     class_names: list[str]
+    note: str
     problems: list[str] = field(default_factory=list)
 
 
@@ -85,39 +96,49 @@ class SyntheticImages(Dataset):
         return torch.rand(self.shape, generator=g), int(torch.randint(self.num_classes, (), generator=g))
 
 
-def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    return train_test_split(indices, test_size=val_fraction, stratify=labels, random_state=seed)
-
-
 def _digits(dm: "ClassificationDataModule") -> Split:
     from sklearn.datasets import load_digits
 
+    hp = dm.hparams
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
-    train_idx, val_idx = _stratified_split(digits.target, dm.hparams.val_fraction, dm.hparams.seed)
+    fractions = {"val": hp.val_fraction, "test": hp.test_fraction}
+    train_idx, val_idx, test_idx = cut_splits(len(labels), list(fractions.values()), hp.seed, digits.target,
+                                              what="digits")
     data = TensorImages(images, labels)
-    return Split(Subset(data, train_idx), Subset(data, val_idx), labels[train_idx].tolist(),
-                 [str(d) for d in range(10)])
+    return Split(Subset(data, train_idx), Subset(data, val_idx), Subset(data, test_idx), labels[train_idx].tolist(),
+                 [str(d) for d in range(10)], "ships no splits: " + cut_note(fractions, "the 1,797 images", hp.seed,
+                                                                            stratified=True))
 
 
 def _shapes(dm: "ClassificationDataModule") -> Split:
-    from cvlab.data.shapes import SHAPE_CLASSES, ShapesClassification
-
     hp = dm.hparams
-    train = ShapesClassification("train", hp.train_size, size=hp.image_size, seed=hp.seed)
-    val = ShapesClassification("val", hp.val_size, size=hp.image_size, seed=hp.seed)
-    return Split(train, val, list(train.targets), list(SHAPE_CLASSES))
+    sizes = {"train": hp.train_size, "val": hp.val_size, "test": hp.test_size or hp.val_size}
+    train, val, test = (ShapesClassification(split, sizes[split], size=hp.image_size, seed=hp.seed) for split in SPLITS)
+    return Split(train, val, test, list(train.targets), list(SHAPE_CLASSES), f"three splits drawn from seed {hp.seed}")
 
 
 def _synthetic(dm: "ClassificationDataModule") -> Split:
     hp = dm.hparams
-    train = SyntheticImages(hp.train_size, hp.image_size, hp.in_chans, hp.num_classes, hp.seed)
-    val = SyntheticImages(hp.val_size, hp.image_size, hp.in_chans, hp.num_classes, hp.seed + 1)
-    return Split(train, val, [train[i][1] for i in range(len(train))], [str(c) for c in range(hp.num_classes)])
+    train, val, test = (SyntheticImages(size, hp.image_size, hp.in_chans, hp.num_classes, hp.seed + offset)
+                        for offset, size in enumerate((hp.train_size, hp.val_size, hp.test_size or hp.val_size)))
+    return Split(train, val, test, [train[i][1] for i in range(len(train))],
+                 [str(c) for c in range(hp.num_classes)], f"three splits drawn from seeds {hp.seed}..{hp.seed + 2}")
+
+
+def _cut_from_training(samples: dict[str, list], labels: list[int], missing: list[str], dm: "ClassificationDataModule",
+                       class_names: list[str], what: str) -> str:
+    """Moves the ``missing`` splits (val, test) out of ``samples["train"]`` (stratified by ``labels``, in place);
+    returns how, for the log."""
+    fractions = {split: getattr(dm.hparams, f"{split}_fraction") for split in missing}
+    pool = samples["train"]
+    rest, *parts = cut_splits(len(pool), list(fractions.values()), dm.hparams.seed, labels, class_names, what)
+    samples["train"] = [pool[i] for i in rest]
+    for split, part in zip(missing, parts):
+        samples[split] = [pool[i] for i in part]
+    return cut_note(fractions, f"the {len(pool)} training images", dm.hparams.seed, stratified=True)
+
 
 
 def _find_images(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -167,32 +188,35 @@ def _imagefolder(dm: "ClassificationDataModule") -> Split:
     if not root.is_dir():
         raise UserError(f"data.root {str(root)!r} is not a folder; point data.root= at a folder of class sub-folders.")
     mode = "L" if hp.in_chans == 1 else "RGB"
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        train_samples, classes = _find_images(root / "train")
-        val_samples, val_classes = _find_images(root / "val")
-        if val_classes != classes:
-            raise UserError(f"{root}/train and {root}/val hold different class folders: {classes} vs {val_classes}.")
+    shipped = [split for split in SPLITS if (root / split).is_dir()]
+    if "train" in shipped and len(shipped) > 1:  # train/ beside val/ or test/: split folders of class folders
+        samples, classes = _find_images(root / "train")
+        samples = {"train": samples}
+        for split in shipped[1:]:
+            samples[split], split_classes = _find_images(root / split)
+            if split_classes != classes:
+                raise UserError(f"{root}/train and {root}/{split} hold different class folders: "
+                                f"{classes} vs {split_classes}.")
     else:
         samples, classes = _find_images(root)
-        train_samples, val_samples = samples, []
-    if not classes or not train_samples:
+        samples = {"train": samples}
+    if not classes or not samples["train"]:
         raise UserError(f"no images found under {root}: expected one sub-folder per class holding "
                         f"{', '.join(IMAGE_EXTENSIONS[:4])}... files.")
-    train_samples, problems = _readable(train_samples)
-    val_samples, val_problems = _readable(val_samples)
-    problems += val_problems
-    if not val_samples:
-        if not train_samples:
-            raise UserError(f"none of the images under {root} could be read: {problems[0]}")
-        labels = np.array([label for _, label in train_samples])
-        counts = np.bincount(labels, minlength=len(classes))
-        if counts.min() < 2:
-            raise UserError(f"class {classes[int(counts.argmin())]!r} under {root} has fewer than 2 readable images; "
-                            "each class needs at least 2 to split off a validation set.")
-        train_idx, val_idx = _stratified_split(labels, hp.val_fraction or 0.2, hp.seed)
-        train_samples, val_samples = [train_samples[i] for i in train_idx], [train_samples[i] for i in val_idx]
-    return Split(FolderImages(train_samples, mode), FolderImages(val_samples, mode),
-                 [label for _, label in train_samples], classes, problems)
+    problems: list[str] = []
+    for split in list(samples):
+        samples[split], unreadable = _readable(samples[split])
+        problems += unreadable
+        if not samples[split] and split != "train":
+            del samples[split]  # an empty split folder ships nothing: the split is cut instead
+    if not samples["train"]:
+        raise UserError(f"none of the images under {root} could be read: {problems[0]}")
+    given = " and ".join(f"{split}/" for split in samples) if len(shipped) > 1 else "no split folders"
+    missing = [split for split in ("val", "test") if split not in samples]
+    note = f"{given}: " + (_cut_from_training(samples, [label for _, label in samples["train"]], missing, dm, classes,
+                                              str(root)) if missing else "the folders are the splits")
+    return Split(*(FolderImages(samples[split], mode) for split in SPLITS), [label for _, label in samples["train"]],
+                 classes, note, problems)
 
 
 def _torchvision(dm: "ClassificationDataModule") -> Split:
@@ -206,14 +230,19 @@ def _torchvision(dm: "ClassificationDataModule") -> Split:
     root = str(Path(str(hp.root)).expanduser())
     try:
         train = dataset_class(root, train=True, download=hp.download)
-        val = dataset_class(root, train=False, download=hp.download)
+        test = dataset_class(root, train=False, download=hp.download)
     except (RuntimeError, OSError) as error:
         raise UserError(f"{hp.source} is not in {root} and could not be fetched ({str(error).splitlines()[0]}); "
                         f"go online once, or copy the files there and pass data.root=.") from None
     native_chans = 3 if hp.source.startswith("cifar") else 1
     if hp.in_chans != native_chans:
         raise UserError(f"{hp.source} images have {native_chans} channel(s); leave data.in_chans={native_chans}.")
-    return Split(train, val, [int(t) for t in train.targets], list(train.classes))
+    labels = [int(t) for t in train.targets]
+    train_idx, val_idx = cut_splits(len(labels), [hp.val_fraction], hp.seed, labels, list(train.classes), hp.source)
+    note = "the official test split is the test set; " + cut_note(
+        {"val": hp.val_fraction}, "the official training split", hp.seed, stratified=True)
+    return Split(Subset(train, train_idx), Subset(train, val_idx), test, [labels[i] for i in train_idx],
+                 list(train.classes), note)
 
 
 def _present_only(dataset_class):
@@ -245,9 +274,21 @@ _SOURCES: dict[str, Callable[["ClassificationDataModule"], Split]] = {
 _FLIPPABLE = {"shapes", "imagefolder", "cifar10", "cifar100"}
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(SplitDataModule):
     """One datamodule for every classification source (``source=``: digits, shapes, synthetic, imagefolder,
-    cifar10, cifar100, mnist, fashion_mnist). ``info`` gives num_classes, in_chans, image_size, class_names."""
+    cifar10, cifar100, mnist, fashion_mnist).
+
+    After :meth:`setup`: ``train_set``, ``val_set``, ``test_set`` (items ``(Tensor[C, H, W] normalised, int)``),
+    ``train_labels``, ``class_names``, ``problems`` (files skipped) and ``info`` (a :class:`DataInfo` whose
+    ``class_counts`` count the training images per class). ``val_fraction`` / ``test_fraction`` are the shares
+    cut when the files ship no such split (of all images, or of the training split when only it ships);
+    ``train_size`` / ``val_size`` / ``test_size`` size the generated sets (``test_size`` None: ``val_size``).
+    ``sampler`` is the ``sampler`` group's config; it is offered ``labels``, ``class_counts``, ``num_classes``,
+    ``num_samples`` and ``seed``.
+    """
+
+    kind = "classification"
+    sampler_inputs = ("labels", *SplitDataModule.sampler_inputs)
 
     def __init__(
         self,
@@ -257,37 +298,44 @@ class ClassificationDataModule(pl.LightningDataModule):
         image_size: int = 32,
         in_chans: int = 3,
         num_classes: int | None = None,
-        val_fraction: float = 0.2,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
         batch_size: int = 64,
         num_workers: int = 0,
         augment: bool = False,
         download: bool = False,
         train_size: int = 1000,
         val_size: int = 200,
-        sampler: str = "none",
+        test_size: int | None = None,
+        sampler: dict | None = None,
         seed: int = 42,
     ):
-        super().__init__()
         if source not in _SOURCES:
             raise UserError(f"unknown data source {source!r}; choose one of {', '.join(_SOURCES)}.")
+        sampler = plain_config(sampler)  # before save_hyperparameters: checkpoints hold plain python only
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, sampler=sampler,
+                         val_fraction=val_fraction, test_fraction=test_fraction)
         self.save_hyperparameters()
-        self.split: Split | None = None
-        self.loader_generator = torch.Generator().manual_seed(seed)
+        self.train_labels: list[int] = []
+        self.class_names: list[str] = []
+        self.problems: list[str] = []
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.split is not None:
-            return
-        split = _SOURCES[self.hparams.source](self)
+    def read(self) -> None:
+        hp = self.hparams
+        split = _SOURCES[hp.source](self)
         for problem in split.problems:
             log.warning("skipped %s", problem)
         if split.problems:
-            log.warning("%d file(s) skipped in %s", len(split.problems), self.hparams.root)
-        mean, std = _STATS.get(self.hparams.source, ((0.5,) * self.hparams.in_chans, (0.25,) * self.hparams.in_chans))
-        self.split = Split(
-            TransformedDataset(split.train, self._transform(train=True, mean=mean, std=std)),
-            TransformedDataset(split.val, self._transform(train=False, mean=mean, std=std)),
-            split.train_labels, split.class_names, split.problems,
-        )
+            log.warning("%d file(s) skipped in %s", len(split.problems), hp.root)
+        self.check_num_classes(hp.name or hp.source, hp.num_classes, split.class_names)
+        mean, std = _STATS.get(hp.source, ((0.5,) * hp.in_chans, (0.25,) * hp.in_chans))
+        evaluation = self._transform(train=False, mean=mean, std=std)
+        self.train_set = TransformedDataset(split.train, self._transform(train=True, mean=mean, std=std))
+        self.val_set = TransformedDataset(split.val, evaluation)
+        self.test_set = TransformedDataset(split.test, evaluation)
+        self.train_labels, self.class_names, self.problems = split.train_labels, split.class_names, split.problems
+        self.note(f"data {hp.name or hp.source}: {split.note}; {len(split.train)} / {len(split.val)} / "
+                  f"{len(split.test)} train / val / test images")
 
     def _transform(self, train: bool, mean, std) -> v2.Compose:
         size = self.hparams.image_size
@@ -299,34 +347,12 @@ class ClassificationDataModule(pl.LightningDataModule):
         steps.append(v2.Normalize(mean, std))
         return v2.Compose(steps)
 
-    @property
-    def info(self) -> dict:
-        """What a model needs to know about the data: classes, channels, input size."""
-        self.setup()
-        return {
-            "num_classes": len(self.split.class_names),
-            "in_chans": self.hparams.in_chans,
-            "image_size": self.hparams.image_size,
-            "class_names": self.split.class_names,
-        }
+    def describe(self) -> DataInfo:
+        labels = np.asarray(self.train_labels, dtype=np.int64)
+        counts = np.bincount(labels[labels >= 0], minlength=len(self.class_names))  # withheld labels are < 0
+        return DataInfo(num_classes=len(self.class_names), class_names=self.class_names,
+                        in_chans=self.hparams.in_chans, image_size=self.hparams.image_size,
+                        class_counts=counts.tolist())
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = build_sampler(self.hparams.sampler, self.split.train_labels, self.hparams.seed)
-        return self._loader(self.split.train, sampler=sampler, generator=self.loader_generator,
-                            # a last batch of one sample would break BatchNorm; tiny sets keep every sample
-                            drop_last=len(self.split.train) > self.hparams.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        # Its own generator so that iterating it never draws from the global RNG.
-        return self._loader(self.split.val, generator=torch.Generator().manual_seed(self.hparams.seed))
-
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
-
-    def state_dict(self) -> dict:
-        return {"loader_generator": self.loader_generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader_generator.set_state(state["loader_generator"])
+    def sampler_values(self) -> dict[str, Any]:
+        return {**super().sampler_values(), "labels": list(self.train_labels)}

@@ -19,7 +19,12 @@ xml or yaml file that cannot be read at all raises :class:`~cvlab.utils.errors.U
 
 Augmentation uses ``torchvision.transforms.v2`` with ``tv_tensors.BoundingBoxes`` (flip, scale/translate
 jitter through ``RandomAffine``, ``ColorJitter``, ``SanitizeBoundingBoxes``). v2 has no letterbox resize, so
-:class:`Letterbox` (YOLO's aspect-keeping resize + grey padding) is a small hand-written v2 transform.
+:class:`Letterbox` (YOLO's aspect-keeping resize + grey padding) is a small hand-written v2 transform. Mosaic and
+mixup combine several images, so they are dataset wrappers (``data/wrappers.py``), applied to the training set.
+
+Every source has train, val and test splits: the files' own where they ship them (COCO ``<split>/`` +
+``instances_<split>.json``, VOC ``ImageSets/Main/<split>.txt``, the YOLO yaml's keys); a missing val or test split
+is cut from the training split, seeded (``data.val_fraction`` / ``data.test_fraction``), and the run's log says so.
 """
 from __future__ import annotations
 
@@ -34,66 +39,37 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import pytorch_lightning as pl
 import torch
 import yaml
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from cvlab.data.samplers import EpochShuffleSampler
+from cvlab.data.base import (
+    IMAGE_EXTENSIONS,
+    LETTERBOX_GREY,
+    Annotation,
+    DataInfo,
+    DetectionDataset,
+    DetectionSubset,
+    SplitDataModule,
+    cut_note,
+    cut_splits,
+    letterbox_geometry,
+)
+from cvlab.data.shapes import SHAPE_CLASSES, ShapesDetection
+from cvlab.data.wrappers import MixUp, Mosaic
 from cvlab.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-LETTERBOX_GREY = 114  # YOLO's padding value, on the 0..255 scale
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SOURCES = ("shapes_det", "coco", "voc", "yolo")
+SPLITS = ("train", "val", "test")
 
 
 # --------------------------------------------------------------------------------------------------- datasets
-class DetectionDataset(torch.utils.data.Dataset):
-    """Base of every detection dataset: subclasses implement ``__len__`` and :meth:`load`.
-
-    Item (the detection contract): ``(Tensor[3, H, W] float in [0, 1],
-    dict(boxes=Tensor[N, 4] float32 xyxy, labels=Tensor[N] int64 in [0, num_classes), image_id=int))``.
-    ``transforms`` is a v2 transform called as ``transforms(image, target)`` on a uint8 ``tv_tensors.Image`` and
-    a target whose boxes are ``tv_tensors.BoundingBoxes``; the item is converted to float afterwards.
-    """
-
-    def __init__(self, class_names: Sequence[str], transforms: Callable | None = None):
-        self.class_names = tuple(class_names)
-        self.transforms = transforms
-        self.problems: list[str] = []
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def load(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
-        """``(uint8 Tensor[3, H, W], float32 boxes Tensor[N, 4] xyxy, int64 labels Tensor[N], image_id)``."""
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        image, boxes, labels, image_id = self.load(index)
-        image = tv_tensors.Image(image)
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:])),
-            "labels": labels,
-            "image_id": image_id,
-        }
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        image = F.to_dtype(image, torch.float32, scale=True).as_subclass(Tensor)
-        return image, {
-            "boxes": target["boxes"].as_subclass(Tensor).to(torch.float32),
-            "labels": target["labels"].to(torch.int64),
-            "image_id": int(image_id),
-        }
-
-
 @dataclass
 class _Record:
     """One annotated image of a file dataset; boxes already checked and in xyxy pixels."""
@@ -102,6 +78,8 @@ class _Record:
     boxes: np.ndarray
     labels: np.ndarray
     image_id: int
+    height: int
+    width: int
 
 
 class _AnnotationCollector:
@@ -137,7 +115,7 @@ class _AnnotationCollector:
                 boxes.append(clipped)
                 labels.append(label)
         self.records.append(_Record(path, np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                                    np.asarray(labels, dtype=np.int64), image_id))
+                                    np.asarray(labels, dtype=np.int64), image_id, int(height), int(width)))
 
 
 class _FileDetectionDataset(DetectionDataset):
@@ -160,6 +138,10 @@ class _FileDetectionDataset(DetectionDataset):
         with PIL.Image.open(record.path) as image:
             pixels = F.pil_to_tensor(image.convert("RGB"))
         return pixels, torch.from_numpy(record.boxes), torch.from_numpy(record.labels), record.image_id
+
+    def annotation(self, index: int) -> Annotation:
+        record = self.records[index]
+        return Annotation(torch.from_numpy(record.boxes), torch.from_numpy(record.labels), record.height, record.width)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -332,7 +314,7 @@ class YOLODataset(_FileDetectionDataset):
         for entry in [entries] if isinstance(entries, str) else entries:
             location = root / entry
             if location.is_dir():
-                paths += sorted(p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                paths += sorted(p for p in location.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
             elif location.is_file():
                 paths += [root / line.strip() for line in location.read_text().splitlines() if line.strip()]
             else:
@@ -361,13 +343,6 @@ class YOLODataset(_FileDetectionDataset):
 
 
 # ------------------------------------------------------------------------------------------------- transforms
-def letterbox_geometry(height: int, width: int, size: int) -> tuple[float, int, int, int, int]:
-    """``(scale, new_height, new_width, pad_left, pad_top)`` that fit an image into a ``size`` square."""
-    scale = size / max(height, width)
-    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-    return scale, new_height, new_width, (size - new_width) // 2, (size - new_height) // 2
-
-
 class Letterbox(v2.Transform):
     """Resize so the longer side is ``size`` (aspect kept), then pad evenly to ``size x size`` with grey 114
     (masks with 0). Boxes and masks follow. Hand-written: v2 has no aspect-keeping resize-and-pad."""
@@ -402,7 +377,7 @@ def unletterbox_boxes(boxes: Tensor, height: int, width: int, size: int) -> Tens
     return ((boxes - offset) / scale).clamp(min=0).minimum(limits)
 
 
-def detection_transforms(img_size: int, train: bool = True, hflip: float = 0.5,
+def detection_transforms(image_size: int, train: bool = True, hflip: float = 0.5,
                          scale: Sequence[float] = (0.5, 1.5), translate: float = 0.1,
                          color_jitter: float = 0.2) -> v2.Compose:
     """The v2 pipeline for ``DetectionDataset(transforms=...)``, on uint8 images as the datasets hand them over.
@@ -411,7 +386,7 @@ def detection_transforms(img_size: int, train: bool = True, hflip: float = 0.5,
     grey where the image moves away), colour jitter; a zero strength leaves that step out. Boxes are then
     clamped to the image and degenerate ones (< 1 px) removed with their labels.
     """
-    steps: list[v2.Transform] = [Letterbox(img_size)]
+    steps: list[v2.Transform] = [Letterbox(image_size)]
     if train:
         if hflip > 0:
             steps.append(v2.RandomHorizontalFlip(hflip))
@@ -439,112 +414,155 @@ def detection_collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, lis
 
 
 # ------------------------------------------------------------------------------------------------- datamodule
-class DetectionDataModule(pl.LightningDataModule):
-    """Train/val loaders of one detection source, all letterboxed to ``img_size``.
+class DetectionDataModule(SplitDataModule):
+    """Train/val/test loaders of one detection source, all letterboxed to ``image_size``.
 
     ======================  ==================================================================================
     ``source``              data
     ======================  ==================================================================================
-    ``shapes_det``          embedded shape scenes drawn at ``img_size`` (``train_size``/``val_size`` images)
+    ``shapes_det``          embedded shape scenes drawn at ``image_size`` (``train_size``/``val_size``/``test_size``
+                            images; ``test_size`` None: ``val_size``)
     ``coco``                ``root/<split>/`` images + ``root/annotations/instances_<split>.json``
-                            (splits default to ``train2017``/``val2017``)
+                            (splits default to ``train2017``/``val2017``/``test2017``)
     ``voc``                 ``root`` = a VOC year folder (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``);
-                            splits default to ``train``/``val``; classes from ``class_names`` or discovered once
+                            splits default to ``train``/``val``/``test``; classes from ``class_names`` or discovered
     ``yolo``                ``root`` = the dataset yaml (or a folder holding exactly one); splits = its keys
     ======================  ==================================================================================
 
-    ``num_classes``, ``class_names`` and ``img_size`` are set by :meth:`setup` (for ``shapes_det`` already in
-    ``__init__``). A ``num_classes`` given up front is checked against the data in :meth:`setup`; ``class_names``
-    matters for VOC only (COCO and YOLO name their classes in their files). ``augment=False`` gives the training
-    set the evaluation pipeline.
+    The training split must ship; a validation or test split the files lack (VOC2012 has no annotated
+    ``test.txt``, COCO's ``test2017`` no ``instances`` json) is cut from it, seeded: ``ceil(fraction x N)`` images for
+    ``val_fraction`` / ``test_fraction``.
+
+    ``num_classes``, ``class_names`` and ``class_counts`` (boxes per class in the training set) are set by
+    :meth:`setup` (``class_names`` for ``shapes_det`` already in ``__init__``). A ``num_classes`` given up front is
+    checked against the data; ``class_names`` matters for VOC only (COCO and YOLO name their classes in their files).
+    ``augment=False`` gives the training set the evaluation pipeline. ``mosaic`` and ``mixup`` are the
+    probabilities of :class:`~cvlab.data.wrappers.Mosaic` and :class:`~cvlab.data.wrappers.MixUp` (applied in that
+    order) in the training loader; ``train_set`` stays the split as read. ``sampler`` is offered ``num_samples``,
+    ``num_classes``, ``class_counts`` and ``seed``; a sampler that draws images by their class label is refused.
     """
 
-    def __init__(self, source: str = "shapes_det", root: str | None = None, img_size: int = 64,
+    kind = "detection"
+    collate_fn = staticmethod(detection_collate)
+
+    def __init__(self, source: str = "shapes_det", root: str | None = None, image_size: int = 64,
                  batch_size: int = 16, num_workers: int = 0, augment: bool = True, hflip: float = 0.5,
                  scale: Sequence[float] = (0.5, 1.5), translate: float = 0.1, color_jitter: float = 0.2,
-                 seed: int = 0, train_size: int = 1000, val_size: int = 200, n_objects: Sequence[int] = (1, 4),
-                 train_split: str | None = None, val_split: str | None = None,
-                 class_names: Sequence[str] | None = None, num_classes: int | None = None, name: str | None = None,
-                 pin_memory: bool = False, sampler: str = "none"):
-        super().__init__()
-        if sampler != "none":
-            raise UserError(f"sampler={sampler} applies to classification; detection samples images uniformly "
-                            "(leave sampler=none)")
+                 mosaic: float = 0.0, mixup: float = 0.0, seed: int = 0, train_size: int = 1000, val_size: int = 200,
+                 test_size: int | None = None, n_objects: Sequence[int] = (1, 4), train_split: str | None = None,
+                 val_split: str | None = None, test_split: str | None = None, val_fraction: float = 0.15,
+                 test_fraction: float = 0.15, class_names: Sequence[str] | None = None, num_classes: int | None = None,
+                 name: str | None = None, sampler: dict | None = None):
         if source not in SOURCES:
             raise UserError(f"unknown detection data source {source!r}; choose one of {', '.join(SOURCES)}")
         if source != "shapes_det" and not root:
             raise UserError(f"data source {source!r} needs data.root=PATH")
-        self.source, self.root, self.img_size = source, root, img_size
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        for key, probability in (("mosaic", mosaic), ("mixup", mixup)):
+            if not 0 <= probability <= 1:
+                raise UserError(f"data.{key} is a probability in [0, 1], got {probability}")
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, sampler=sampler,
+                         val_fraction=val_fraction, test_fraction=test_fraction)
+        self.source, self.root, self.image_size = source, root, image_size
         self.augment = augment
         self.augmentation = {"hflip": hflip, "scale": tuple(scale), "translate": translate,
                              "color_jitter": color_jitter}
-        self.seed, self.train_size, self.val_size, self.n_objects = seed, train_size, val_size, tuple(n_objects)
-        default_splits = {"coco": ("train2017", "val2017")}.get(source, ("train", "val"))
-        self.splits = (train_split or default_splits[0], val_split or default_splits[1])
-        self.class_names = tuple(class_names) if class_names else None
+        self.mosaic, self.mixup = float(mosaic), float(mixup)
+        self.sizes = (train_size, val_size, val_size if test_size is None else test_size)
+        self.n_objects = tuple(n_objects)
+        default_splits = {"coco": ("train2017", "val2017", "test2017")}.get(source, SPLITS)
+        self.splits = tuple(given or default for given, default in zip((train_split, val_split, test_split),
+                                                                        default_splits))
+        self.class_names = SHAPE_CLASSES if source == "shapes_det" else tuple(class_names) if class_names else None
         self.name = name or source
-        self.train_set: DetectionDataset | None = None
-        self.val_set: DetectionDataset | None = None
-        if source == "shapes_det":
-            from cvlab.data.shapes import SHAPE_CLASSES  # shapes.py imports this module
-            self.class_names = SHAPE_CLASSES
         self.expected_num_classes = num_classes
         self.num_classes = len(self.class_names) if self.class_names else num_classes
+        self.class_counts: tuple[int, ...] = ()
 
-    def _build(self, split: str, transforms: v2.Compose, size: int) -> DetectionDataset:
-        root = Path(self.root).expanduser() if self.root else None
+    # ------------------------------------------------------------------------------------------ reading
+    def read(self) -> None:
+        evaluation = detection_transforms(self.image_size, train=False)
+        training = detection_transforms(self.image_size, train=True, **self.augmentation) if self.augment \
+            else evaluation
         if self.source == "shapes_det":
-            from cvlab.data.shapes import ShapesDetection  # shapes.py imports this module
-            return ShapesDetection(split, size, self.img_size, self.seed, self.n_objects, transforms)
+            self.train_set, self.val_set, self.test_set = (
+                ShapesDetection(split, size, self.image_size, self.seed, self.n_objects, transforms)
+                for split, size, transforms in zip(SPLITS, self.sizes, (training, evaluation, evaluation)))
+            note = f"three splits drawn from seed {self.seed}"
+        else:
+            note = self._read_files(training, evaluation)
+        for split, dataset in (("validation", self.val_set), ("test", self.test_set)):
+            if dataset.class_names != self.train_set.class_names:
+                raise UserError(f"{self.name}: train classes {self.train_set.class_names} differ from {split} classes "
+                                f"{dataset.class_names}")
+        self.class_names = self.train_set.class_names
+        self.num_classes = len(self.class_names)
+        self.check_num_classes(self.name, self.expected_num_classes, self.class_names)
+        labels = [self.train_set.annotation(i).labels for i in range(len(self.train_set))]
+        self.class_counts = tuple(torch.bincount(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
+                                                 minlength=self.num_classes).tolist())
+        self.note(f"data {self.name}: {note}; {len(self.train_set)} / {len(self.val_set)} / {len(self.test_set)} "
+                  "train / val / test images")
+
+    def _read_files(self, training: v2.Compose, evaluation: v2.Compose) -> str:
+        """Sets the three splits of a file source; returns how they were made, for the log."""
+        root = self._annotation_root()
+        train_split = self.splits[0]
+        missing = [role for role, split in zip(SPLITS[1:], self.splits[1:]) if not self._ships(root, split)]
+        if not missing:
+            self.train_set, self.val_set, self.test_set = (
+                self._open(root, split, transforms)
+                for split, transforms in zip(self.splits, (training, evaluation, evaluation)))
+            return f"the files ship the splits ({', '.join(self.splits)})"
+        source = self._open(root, train_split, None)
+        fractions = {role: getattr(self, f"{role}_fraction") for role in missing}
+        rest, *parts = cut_splits(len(source), list(fractions.values()), self.seed, what=f"{self.name} {train_split}")
+        views = {"train": DetectionSubset(source, rest, training)}
+        views.update((role, DetectionSubset(source, part, evaluation)) for role, part in zip(missing, parts))
+        for role, split in zip(SPLITS[1:], self.splits[1:]):
+            if role not in views:
+                views[role] = self._open(root, split, evaluation)
+        self.train_set, self.val_set, self.test_set = (views[role] for role in SPLITS)
+        absent = " and ".join(self.splits[SPLITS.index(role)] for role in missing)
+        return f"no {absent} split in the files: " + cut_note(fractions, f"the {len(source)} {train_split} images",
+                                                              self.seed, stratified=False)
+
+    def _annotation_root(self) -> Path:
+        """The folder (COCO, VOC) or the dataset yaml (YOLO) the splits are read from."""
+        root = Path(self.root).expanduser()
+        if self.source == "yolo" and root.is_dir():
+            yamls = sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml"))
+            if len(yamls) != 1:
+                raise UserError(f"{root} must hold exactly one dataset yaml for source 'yolo' (found {len(yamls)});"
+                                f" or set data.root to the yaml itself")
+            root = yamls[0]
+        return root
+
+    def _ships(self, root: Path, split: str) -> bool:
+        """Whether the files hold an annotated ``split``."""
+        if self.source == "coco":
+            return (root / split).is_dir() and (root / "annotations" / f"instances_{split}.json").is_file()
+        if self.source == "voc":
+            return (root / "ImageSets" / "Main" / f"{split}.txt").is_file()
+        return bool(_read_yolo_yaml(root).get(split))
+
+    def _open(self, root: Path, split: str, transforms: v2.Compose | None) -> DetectionDataset:
         if self.source == "coco":
             return CocoDataset(root / split, root / "annotations" / f"instances_{split}.json", transforms)
         if self.source == "voc":
             if self.class_names is None:
                 self.class_names = voc_class_names(root)
             return VOCDataset(root, split, self.class_names, transforms)
-        if root.is_dir():
-            yamls = sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml"))
-            if len(yamls) != 1:
-                raise UserError(f"{root} must hold exactly one dataset yaml for source 'yolo' (found {len(yamls)});"
-                                f" or set data.root to the yaml itself")
-            root = yamls[0]
         return YOLODataset(root, split, transforms)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        eval_pipeline = detection_transforms(self.img_size, train=False)
-        train_pipeline = detection_transforms(self.img_size, train=True, **self.augmentation) if self.augment \
-            else eval_pipeline
-        self.train_set = self._build(self.splits[0], train_pipeline, self.train_size)
-        self.val_set = self._build(self.splits[1], eval_pipeline, self.val_size)
-        if self.val_set.class_names != self.train_set.class_names:
-            raise UserError(f"{self.name}: train classes {self.train_set.class_names} differ from validation classes "
-                            f"{self.val_set.class_names}")
-        self.class_names = self.train_set.class_names
-        self.num_classes = len(self.class_names)
-        if self.expected_num_classes is not None and self.expected_num_classes != self.num_classes:
-            raise UserError(f"{self.name}: data.num_classes={self.expected_num_classes} but the data has "
-                            f"{self.num_classes} classes {self.class_names}; set data.num_classes=null or fix it")
+    # ------------------------------------------------------------------------------------------ the contract
+    def describe(self) -> DataInfo:
+        return DataInfo(num_classes=self.num_classes, class_names=self.class_names, in_chans=3,
+                        image_size=self.image_size, class_counts=self.class_counts)
 
-    @property
-    def info(self) -> dict:
-        """What a detector needs to know about the data (same keys as the classification datamodule's)."""
-        self.setup()
-        return {"num_classes": self.num_classes, "class_names": list(self.class_names), "image_size": self.img_size,
-                "in_chans": 3}
-
-    def _loader(self, dataset: DetectionDataset, train: bool) -> DataLoader:
-        # Loaders own their generators so iterating them never draws from the global RNG (exact resumes).
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
-                          generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=detection_collate, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, drop_last=train and len(dataset) > self.batch_size)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+    def training_view(self) -> tuple[Dataset, bool]:
+        dataset = self.train_set
+        if self.mosaic > 0:
+            dataset = Mosaic(dataset, self.mosaic, self.image_size, seed=self.seed)
+        if self.mixup > 0:
+            dataset = MixUp(dataset, self.mixup, self.image_size, seed=self.seed)
+        return dataset, dataset is not self.train_set

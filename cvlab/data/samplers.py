@@ -1,8 +1,12 @@
-"""Training samplers whose order depends only on (seed, epoch).
+"""Training samplers whose order depends only on (seed, epoch): the targets of the ``sampler`` config group.
 
 Lightning calls ``set_epoch`` on a sampler that has one, so a run resumed at epoch k replays exactly the
 order an uninterrupted run would have used. torch's RandomSampler and WeightedRandomSampler draw from a
-generator that advances across epochs, which a resume cannot reproduce; these two small samplers fix that.
+generator that advances across epochs, which a resume cannot reproduce; these small samplers fix that.
+
+A datamodule builds the configured sampler with :func:`cvlab.utils.plugins.instantiate_plugin`, offering what its
+training set knows (``labels``, ``class_counts``, ``num_classes``, ``num_samples``, ``seed``): a sampler's
+signature is the list of what it needs, and a datamodule that cannot supply it refuses the option.
 """
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
-
-from cvlab.utils.errors import UserError
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -52,10 +54,21 @@ class ClassBalancedSampler(EpochShuffleSampler):
         return iter(draws.tolist())
 
 
-def build_sampler(name: str, labels: Sequence[int], seed: int) -> Sampler[int]:
-    """The ``sampler`` config group: ``none`` (epoch-seeded shuffle) or ``class_balanced``."""
-    if name == "none":
-        return EpochShuffleSampler(len(labels), seed)
-    if name == "class_balanced":
-        return ClassBalancedSampler(labels, seed)
-    raise UserError(f"unknown sampler {name!r}; choose none or class_balanced (`cvlab list sampler`).")
+class EpochKeyedSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` for each index of ``sampler``: the key of a dataset whose items change per epoch
+    (mosaic, mixup), so they are drawn from ``(seed, epoch, index)`` alone, in the main process or any worker."""
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

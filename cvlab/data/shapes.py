@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from cvlab.data.detection import DetectionDataset
+from cvlab.data.base import Annotation, DetectionDataset
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 
@@ -284,3 +284,7 @@ class ShapesDetection(DetectionDataset):
 
     def load(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
         return self.images[index], self.boxes[index], self.labels[index], index
+
+    def annotation(self, index: int) -> Annotation:
+        side = self.images.shape[-1]
+        return Annotation(self.boxes[index], self.labels[index], side, side)

@@ -16,8 +16,7 @@ from typing import Callable, NamedTuple
 import torch.nn.functional as F
 from torch import Tensor
 
-# Label of a training image whose label is withheld (semi-supervised distillation).
-UNLABELED = -1
+from cvlab.data.base import UNLABELED  # the label of a training image whose label is withheld (semi-supervised)
 
 
 class DistillationTerms(NamedTuple):

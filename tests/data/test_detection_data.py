@@ -1,5 +1,6 @@
 """Detection data: COCO/VOC/YOLO readers agree on the same files, bad annotations are reported, the v2 pipeline
-keeps boxes on their objects, collate and the datamodule follow the detection contract."""
+keeps boxes on their objects, collate and the datamodule follow the detection contract: three splits (the files'
+own, or cut from the training split), DataInfo with box counts, the sampler plug-in."""
 import json
 import logging
 
@@ -9,12 +10,24 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from cvlab.data.detection import (CocoDataset, DetectionDataModule, Letterbox, VOCDataset, YOLODataset,
-                                  detection_collate, detection_transforms, unletterbox_boxes, voc_class_names)
-from cvlab.data.shapes import SHAPE_CLASSES, draw_scene
+from cvlab.data.base import DataInfo, DetectionDataset, DetectionSubset
+from cvlab.data.detection import (
+    CocoDataset,
+    DetectionDataModule,
+    Letterbox,
+    VOCDataset,
+    YOLODataset,
+    detection_collate,
+    detection_transforms,
+    unletterbox_boxes,
+    voc_class_names,
+)
+from cvlab.data.shapes import SHAPE_CLASSES, ShapesDetection, draw_scene
 from cvlab.utils.errors import UserError
-from detection_files import (shape_scenes as _scenes, write_coco as _write_coco, write_voc as _write_voc,
-                             write_yolo as _write_yolo)
+from detection_files import shape_scenes as _scenes
+from detection_files import write_coco as _write_coco
+from detection_files import write_voc as _write_voc
+from detection_files import write_yolo as _write_yolo
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +50,7 @@ def test_three_formats_read_back_the_same_boxes_and_labels(datasets_on_disk):
     for dataset in (coco, voc, yolo):
         assert dataset.class_names == SHAPE_CLASSES and dataset.num_classes == 5
         assert len(dataset) == 3 and dataset.problems == []
-        for (_, image, boxes, labels), (tensor, target) in zip(scenes, (dataset[i] for i in range(3))):
+        for (_, _, boxes, labels), (tensor, target) in zip(scenes, (dataset[i] for i in range(3))):
             assert tensor.shape == (3, 64, 80) and tensor.dtype == torch.float32
             assert torch.allclose(target["boxes"], torch.from_numpy(boxes), atol=1e-3)
             assert target["labels"].tolist() == labels.tolist()
@@ -133,7 +146,7 @@ def test_train_pipeline_keeps_boxes_tight_on_the_shape_pixels():
     white_on_black[:, 8:72][scene.mask > 0] = 255
     image = tv_tensors.Image(torch.from_numpy(white_on_black).permute(2, 0, 1))
     box = torch.from_numpy(scene.boxes + np.float32([8, 0, 8, 0]))
-    pipeline = detection_transforms(96, train=True, color_jitter=0.0)
+    pipeline = detection_transforms(image_size=96, train=True, color_jitter=0.0)
     seen = set()
     for seed in range(8):
         torch.manual_seed(seed)
@@ -185,21 +198,33 @@ def test_collate_stacks_or_pads_to_the_largest_image():
 
 
 def test_datamodule_on_embedded_shapes():
-    datamodule = DetectionDataModule("shapes_det", img_size=48, batch_size=2, train_size=4, val_size=3)
+    datamodule = DetectionDataModule("shapes_det", image_size=48, batch_size=2, train_size=4, val_size=3, seed=5)
     assert datamodule.num_classes == 5 and datamodule.class_names == SHAPE_CLASSES
     datamodule.setup("fit")
+    assert (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set)) == (4, 3, 3)
+    # Train and validation scenes are the ones drawn before the test split existed (benchmarks were run on them).
+    for split, dataset in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+        drawn = ShapesDetection(split, len(dataset), 48, seed=5)
+        assert torch.equal(dataset.images, drawn.images) and all(map(torch.equal, dataset.boxes, drawn.boxes))
+    assert not torch.equal(datamodule.test_set.images, datamodule.val_set.images)
+    labels = torch.cat(datamodule.train_set.labels)
+    assert datamodule.info == DataInfo(num_classes=5, class_names=SHAPE_CLASSES, in_chans=3, image_size=48,
+                                       class_counts=torch.bincount(labels, minlength=5).tolist())
     images, targets = next(iter(datamodule.train_dataloader()))
     assert images.shape == (2, 3, 48, 48) and len(targets) == 2
     for target in targets:
         assert target["boxes"].shape[1] == 4 and bool((target["boxes"] >= 0).all() & (target["boxes"] <= 48).all())
     assert len(datamodule.train_dataloader()) == 2 and len(datamodule.val_dataloader()) == 2
+    test_ids = [t["image_id"] for _, batch in datamodule.test_dataloader() for t in batch]
+    assert test_ids == [0, 1, 2]
+    assert len(DetectionDataModule("shapes_det", train_size=2, val_size=2, test_size=5).info.class_counts) == 5
 
 
 @pytest.mark.parametrize("source, subdir", [("coco", "coco"), ("voc", "voc/VOC2012"), ("yolo", "yolo")])
 def test_datamodule_reads_each_file_format(datasets_on_disk, source, subdir):
     root, scenes = datasets_on_disk
     class_names = list(SHAPE_CLASSES) if source == "voc" else None  # VOC alone would sort discovered names
-    datamodule = DetectionDataModule(source, root=str(root / subdir), img_size=40, batch_size=3, augment=False,
+    datamodule = DetectionDataModule(source, root=str(root / subdir), image_size=40, batch_size=3, augment=False,
                                      class_names=class_names)
     datamodule.setup("fit")
     assert datamodule.class_names == SHAPE_CLASSES and datamodule.num_classes == 5
@@ -210,10 +235,119 @@ def test_datamodule_reads_each_file_format(datasets_on_disk, source, subdir):
     assert torch.allclose(targets[1]["boxes"], expected, atol=1e-3)
 
 
-def test_datamodule_rejects_unknown_source_and_missing_root():
+def _renamed(prefix: str, scenes):
+    return [(f"{prefix}{i}", image, boxes, labels) for i, (_, image, boxes, labels) in enumerate(scenes)]
+
+
+@pytest.fixture(scope="module")
+def three_splits_on_disk(tmp_path_factory):
+    """Each format with train (3 scenes), val (2) and test (2 other scenes) splits of its own."""
+    root = tmp_path_factory.mktemp("three_splits")
+    splits = {"train": _scenes(), "val": _renamed("val", _scenes(((1, 2), (0, 3)), seed=200)),
+              "test": _renamed("test", _scenes(((4,), (2, 0, 1)), seed=310))}
+    for split, scenes in splits.items():
+        _write_coco(root / "coco", f"{split}2017", scenes)
+        _write_voc(root / "voc", split, scenes)
+        _write_yolo(root / "yolo", split, scenes)
+    return root, splits
+
+
+@pytest.mark.parametrize("source", ["coco", "voc", "yolo"])
+def test_datamodule_keeps_the_splits_the_files_ship(three_splits_on_disk, source, caplog):
+    root, splits = three_splits_on_disk
+    with caplog.at_level(logging.INFO, logger="cvlab.data.base"):
+        datamodule = DetectionDataModule(source, root=str(root / source), image_size=40, augment=False,
+                                         class_names=list(SHAPE_CLASSES) if source == "voc" else None)
+        datamodule.setup()
+    assert "the files ship the splits" in caplog.text and "3 / 2 / 2 train / val / test images" in caplog.text
+    for split in ("train", "val", "test"):
+        dataset = getattr(datamodule, f"{split}_set")
+        assert not isinstance(dataset, DetectionSubset) and len(dataset) == len(splits[split])
+        for i, (_, image, boxes, labels) in enumerate(splits[split]):
+            annotation = dataset.annotation(i)
+            assert (annotation.height, annotation.width) == (image.height, image.width)
+            assert torch.allclose(annotation.boxes, torch.from_numpy(boxes), atol=1e-3)
+            assert annotation.labels.tolist() == labels.tolist()
+    counts = np.bincount(np.concatenate([labels for *_, labels in splits["train"]]), minlength=5).tolist()
+    assert datamodule.info.class_counts == tuple(counts)
+
+
+@pytest.mark.parametrize("source, subdir, absent", [("coco", "coco", "test2017"), ("voc", "voc/VOC2012", "test"),
+                                                    ("yolo", "yolo", "test")])
+def test_a_missing_test_split_is_cut_from_train(datasets_on_disk, source, subdir, absent, caplog):
+    root, scenes = datasets_on_disk
+    kwargs = dict(root=str(root / subdir), image_size=40, seed=3,
+                  class_names=list(SHAPE_CLASSES) if source == "voc" else None)
+    with caplog.at_level(logging.INFO, logger="cvlab.data.base"):
+        datamodule = DetectionDataModule(source, **kwargs)
+        datamodule.setup()
+    train_name = "train2017" if source == "coco" else "train"
+    assert (f"no {absent} split in the files: cut test (15 %) from the 3 {train_name} images, seed 3; "
+            "2 / 3 / 1 train / val / test images") in caplog.text
+    train, test = datamodule.train_set, datamodule.test_set
+    assert isinstance(train, DetectionSubset) and isinstance(test, DetectionSubset) and train.dataset is test.dataset
+    assert sorted(train.indices + test.indices) == [0, 1, 2]
+    # The test view has the evaluation pipeline, its source's training view the augmenting one.
+    assert test.transforms is datamodule.val_set.transforms and train.transforms is not test.transforms
+    assert len(datamodule.val_set) == 3 and not isinstance(datamodule.val_set, DetectionSubset)
+    # The cut images are read as written: the test image is the scene it was cut from.
+    index = test.indices[0]
+    assert torch.allclose(test.annotation(0).boxes, torch.from_numpy(scenes[index][2]), atol=1e-3)
+    again = DetectionDataModule(source, **kwargs)
+    again.setup()
+    assert again.test_set.indices == test.indices  # seeded
+
+
+def test_only_a_training_split_gets_val_and_test_cut(tmp_path):
+    scenes = _scenes([(k % 5,) for k in range(7)])
+    _write_yolo(tmp_path, "train", scenes)
+    datamodule = DetectionDataModule("yolo", root=str(tmp_path), image_size=40, val_fraction=0.2, test_fraction=0.3)
+    datamodule.setup()
+    # ceil(0.2 x 7) = 2 for validation, ceil(0.3 x 7) = 3 for test.
+    parts = [datamodule.train_set.indices, datamodule.val_set.indices, datamodule.test_set.indices]
+    assert [len(part) for part in parts] == [2, 2, 3] and sorted(sum(parts, [])) == list(range(7))
+    assert datamodule.info.class_counts == tuple(np.bincount([scenes[i][3][0] for i in parts[0]],
+                                                             minlength=5).tolist())
+
+
+def test_datamodule_rejects_unknown_source_missing_root_and_bad_settings():
     with pytest.raises(UserError, match="shapes_det, coco, voc, yolo"):
         DetectionDataModule("kitti")
     with pytest.raises(UserError, match="data.root"):
         DetectionDataModule("coco")
     with pytest.raises(UserError, match="data.num_classes=3 but the data has 5 classes"):
         DetectionDataModule("shapes_det", num_classes=3, train_size=2, val_size=2).setup("fit")
+    with pytest.raises(UserError, match="data.val_fraction=0.6 and data.test_fraction=0.4"):
+        DetectionDataModule("shapes_det", val_fraction=0.6, test_fraction=0.4)
+    with pytest.raises(UserError, match="data.mosaic is a probability"):
+        DetectionDataModule("shapes_det", mosaic=1.5)
+
+
+def test_detection_refuses_a_sampler_that_needs_class_labels():
+    balanced = {"_target_": "cvlab.data.samplers.ClassBalancedSampler", "name": "class_balanced"}
+    with pytest.raises(UserError, match=r"^sampler=class_balanced needs labels, which detection data does not "
+                                        r"provide; leave sampler=none"):
+        DetectionDataModule("shapes_det", sampler=balanced)
+    uniform = {"_target_": "cvlab.data.samplers.EpochShuffleSampler", "name": "none"}
+    datamodule = DetectionDataModule("shapes_det", image_size=32, train_size=5, val_size=2, sampler=uniform, seed=4)
+    datamodule.setup()
+    sampler = datamodule.train_dataloader().sampler
+    assert (type(sampler).__name__, sampler.num_samples, sampler.seed) == ("EpochShuffleSampler", 5, 4)
+
+
+def test_the_base_reads_an_item_by_index_or_by_epoch_key():
+    class Two(DetectionDataset):
+        def __len__(self):
+            return 2
+
+        def load(self, index):
+            return (torch.full((3, 4, 6), 255 * index, dtype=torch.uint8), torch.tensor([[0.0, 0, 2, 2]]),
+                    torch.tensor([index]), 10 + index)
+
+    dataset = Two(["a", "b"])
+    image, target = dataset[1]
+    keyed_image, keyed_target = dataset[(7, 1)]  # a plain dataset is the same in every epoch
+    assert torch.equal(image, keyed_image) and image.max() == 1.0 and target["image_id"] == 11
+    assert target["labels"].tolist() == keyed_target["labels"].tolist() == [1]
+    annotation = dataset.annotation(0)
+    assert (annotation.height, annotation.width) == (4, 6) and annotation.labels.tolist() == [0]

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from cvlab.data.shapes import (SHAPE_CLASSES, ShapesClassification, ShapesDetection, _occludes_too_much, draw_scene,
-                               draw_shape)
+from cvlab.data.shapes import (
+    SHAPE_CLASSES,
+    ShapesClassification,
+    ShapesDetection,
+    _occludes_too_much,
+    draw_scene,
+    draw_shape,
+)
 
 
 def test_class_names():
