@@ -1,10 +1,12 @@
 """Knowledge distillation: the loss against a hand computation, the frozen teacher, each kind's use of labels, the
-FitNets regressor, and `cvlab distill` / `cvlab sweep` end to end with tiny budgets."""
+FitNets regressor, the teacher checks, and `cvlab distill` / `cvlab sweep` end to end with tiny budgets, including a
+killed run resumed in its run directory."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -14,15 +16,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cvlab.data.base import DataInfo
 from cvlab.losses.distillation import UNLABELED, distillation_loss, soft_target_loss
 from cvlab.models import create_model
+from cvlab.tasks.classification import ClassificationTask
 from cvlab.tasks.distillation import (
     AttachTeacher,
     DistillationSettings,
     DistillationTask,
-    LabelBudgetDataModule,
     augmented_views,
+    check_hint_layers,
+    check_teacher,
+    hint_map,
 )
+from cvlab.utils.errors import UserError
 
 DIGITS_INFO = {"num_classes": 10, "in_chans": 1, "image_size": 8, "class_names": [str(d) for d in range(10)]}
 TINY = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
@@ -81,7 +88,8 @@ def make_task(kind: str, teacher: str = "resnet18", student: str = "mobilenetv3_
     torch.manual_seed(0)
     task = DistillationTask(model={"name": student}, data_info=DIGITS_INFO,
                             optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
-    task.attach_teacher(create_model(teacher, num_classes=10, in_chans=1, img_size=8), DistillationSettings(kind=kind))
+    teacher_model = create_model(teacher, num_classes=10, in_chans=1, image_size=8)
+    task.attach_teacher(teacher_model, DistillationSettings(kind=kind))
     return task
 
 
@@ -119,9 +127,10 @@ def test_self_supervised_uses_no_labels_and_matches_the_teacher_on_views():
 
 def test_feature_kind_regresses_the_student_middle_layer_onto_the_teachers():
     task = make_task("feature", teacher="resnet50", student="mobilenetv2")
-    # auto = middle stage: resnet50 layer2 (512 ch, 4x4 at 8 px), mobilenetv2 features.9 (64 ch, 2x2)
-    assert task.hint_regressor.weight.shape == (512, 64, 1, 1)
-    assert task.settings.hint_layers == {"teacher": "layer2", "student": "features.9"}
+    # auto = the middle of the five feature_info stages: resnet50 layer2 (512 ch, 4x4 at 8 px), mobilenetv2
+    # features.6 (32 ch, 4x4)
+    assert task.hint_regressor.weight.shape == (512, 32, 1, 1)
+    assert task.settings.hint_layers == {"teacher": "layer2", "student": "features.6"}
     loss = _step(task, torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
     loss.backward()
     assert task.hint_regressor.weight.grad.abs().sum() > 0
@@ -132,6 +141,34 @@ def test_feature_kind_regresses_the_student_middle_layer_onto_the_teachers():
     assert restored.teacher is None and restored.eval()(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
+def test_a_vit_teacher_hints_through_its_tokens_laid_out_as_a_map():
+    task = make_task("feature", teacher="vit_tiny", student="resnet18")
+    # vit_tiny's 14 stages (patch_embed, blocks.0-11, norm): the middle is blocks.6, 192 channels; resnet18 layer2
+    assert task.settings.hint_layers == {"teacher": "blocks.6", "student": "layer2"}
+    assert task.hint_regressor.weight.shape == (192, 128, 1, 1)
+    tokens = torch.randn(2, 1 + 8 * 8, 192)  # class token, then 8x8 patches of one pixel
+    grid = hint_map(task.teacher, "blocks.6", tokens, (8, 8))
+    assert grid.shape == (2, 192, 8, 8)
+    assert torch.equal(grid[:, :, 0, 1], tokens[:, 2]) and torch.equal(grid[:, :, 1, 0], tokens[:, 9])
+    assert hint_map(task.model, "layer2", grid, (8, 8)) is grid  # a CNN stage is already a map
+    loss = _step(task, torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss) and task.hint_regressor.weight.grad.abs().sum() > 0
+
+
+def test_named_hint_layers_are_checked_before_training():
+    info = DataInfo.from_dict(DIGITS_INFO)
+    groups = {"norm": {"name": "default"}, "activation": {"name": "default"}, "attention": {"name": "none"}}
+    check_hint_layers({"name": "resnet18"}, {"name": "mobilenetv2"}, groups, info,
+                      {"teacher": "layer3.0.conv1", "student": "auto"})
+    with pytest.raises(UserError, match="the student has no layer 'features.99'.*Its stages: features.1, features.3"):
+        check_hint_layers({"name": "resnet18"}, {"name": "mobilenetv2"}, groups, info,
+                          {"teacher": "auto", "student": "features.99"})
+    with pytest.raises(UserError, match="the teacher layer 'fc' does not output a Tensor"):
+        check_hint_layers({"name": "resnet18"}, {"name": "mobilenetv2"}, groups, info,
+                          {"teacher": "fc", "student": "auto"})
+
+
 def test_teacher_stays_frozen_in_eval_mode_outside_the_checkpoint():
     import pytorch_lightning as pl
 
@@ -140,7 +177,7 @@ def test_teacher_stays_frozen_in_eval_mode_outside_the_checkpoint():
     torch.manual_seed(0)
     task = DistillationTask(model={"name": "mobilenetv3_small"}, data_info=DIGITS_INFO,
                             optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
-    teacher = create_model("resnet18", num_classes=10, in_chans=1, img_size=8).train()
+    teacher = create_model("resnet18", num_classes=10, in_chans=1, image_size=8).train()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = task.model.features[0][0].weight.clone()
     modes = []
@@ -165,37 +202,59 @@ def test_teacher_stays_frozen_in_eval_mode_outside_the_checkpoint():
 def test_baseline_and_distilled_student_start_from_the_same_weights(tmp_path):
     import pytorch_lightning as pl
 
-    from cvlab.run.distill import _model_node, stage_config
-    from cvlab.run.train import build_task
+    from cvlab.engine import build_datamodule, build_task
+    from cvlab.run.distill import model_node, stage_config
     from cvlab.utils.config import compose
 
     cfg = compose("distill", [*TINY, f"paths.output_dir={tmp_path}"])
     students = {}
     for stage in ("student", "student_kd"):
-        stage_cfg = stage_config(cfg, stage, _model_node(cfg.student))
-        assert stage_cfg.paths.output_dir == str(tmp_path / stage)
+        stage_cfg = stage_config(cfg, stage, model_node(cfg.student))
+        assert "distill" not in stage_cfg and stage_cfg.model.name == "mobilenetv2"
         pl.seed_everything(stage_cfg.seed, verbose=False)
-        students[stage] = build_task(stage_cfg, DIGITS_INFO)
-    assert type(students["student_kd"]) is DistillationTask
+        students[stage] = build_task(stage_cfg, build_datamodule(stage_cfg))
+    # the distilled student's task is the registered "distillation" task, the baseline's the run's own
+    assert type(students["student"]) is ClassificationTask and type(students["student_kd"]) is DistillationTask
     baseline, distilled = (students[s].model.state_dict() for s in ("student", "student_kd"))
     assert all(torch.equal(baseline[k], distilled[k]) for k in baseline)
 
 
-def test_label_budget_keeps_stratified_fractions_and_hides_the_rest():
-    def data(unlabeled):
-        dm = LabelBudgetDataModule(source="digits", image_size=8, in_chans=1, train_fraction=0.5,
-                                   labeled_fraction=0.2, unlabeled=unlabeled)
-        dm.setup()
-        return dm.split
+def test_teacher_must_be_a_classifier_of_the_same_classes_and_size():
+    from cvlab.tasks.base import BaseTask
 
-    hidden, dropped = data("hide"), data("drop")
-    assert len(hidden.val) == len(dropped.val) == 360  # validation untouched
-    assert len(hidden.train) == 718  # half of the 1,437 training images
-    labels = np.array([hidden.train[i][1] for i in range(len(hidden.train))])
-    assert (labels != UNLABELED).sum() == len(dropped.train) == 143
-    assert np.bincount(labels[labels != UNLABELED]).min() >= 13  # every class keeps labels (stratified)
-    kept = {hidden.train[i][0].numpy().tobytes() for i in np.flatnonzero(labels != UNLABELED)}
-    assert kept == {dropped.train[i][0].numpy().tobytes() for i in range(len(dropped.train))}
+    info = DataInfo.from_dict(DIGITS_INFO)
+    teacher = make_task("offline")
+    assert check_teacher(teacher, info, "digits", "t.ckpt") is teacher
+    other = DataInfo.from_dict({**DIGITS_INFO, "image_size": 16})
+    with pytest.raises(UserError, match="trained on 10 classes at 1x8x8 but data 'big' has 10 classes at 1x16x16"):
+        check_teacher(teacher, other, "big", "t.ckpt")
+    renamed = DataInfo.from_dict({**DIGITS_INFO, "class_names": list("abcdefghij")})
+    with pytest.raises(UserError, match="must agree on classes"):
+        check_teacher(teacher, renamed, "letters", "t.ckpt")
+    not_a_classifier = BaseTask(model={"name": "yolov3_tiny"}, optimizer={}, data_info=DIGITS_INFO)
+    with pytest.raises(UserError, match="teacher.ckpt 't.ckpt' holds a BaseTask; a teacher must be a classifier"):
+        check_teacher(not_a_classifier, info, "digits", "t.ckpt")
+
+
+def test_semi_supervised_stages_share_the_labeled_images_and_the_held_out_splits(tmp_path):
+    from cvlab.engine import build_datamodule
+    from cvlab.run.distill import stage_config
+    from cvlab.utils.config import compose
+
+    cfg = compose("distill", [*TINY, "distill.kind=semi_supervised", "distill.labeled_fraction=0.2",
+                              f"paths.output_dir={tmp_path}"])
+    views = {stage: build_datamodule(stage_config(cfg, stage, {"name": "resnet18"}))
+             for stage in ("teacher", "student", "student_kd")}
+    teacher, kd = views["teacher"], views["student_kd"]
+    # the teacher and the baseline train on the labeled fifth; the distilled student also sees the rest, unlabeled
+    assert len(teacher.train_set) == len(views["student"].train_set) == 251
+    labels = np.asarray(kd.train_labels)
+    assert len(kd.train_set) == 1257 and (labels != UNLABELED).sum() == 251
+    labeled = {kd.train_set[i][0].numpy().tobytes() for i in np.flatnonzero(labels != UNLABELED)}
+    assert labeled == {teacher.train_set[i][0].numpy().tobytes() for i in range(len(teacher.train_set))}
+    for split in ("val_set", "test_set"):  # every stage is chosen and scored on the same held-out images
+        assert [image.numpy().tobytes() for image, _ in getattr(kd, split)] == [
+            image.numpy().tobytes() for image, _ in getattr(teacher, split)]
 
 
 def _cvlab(cwd, *args, timeout=300):
@@ -204,14 +263,21 @@ def _cvlab(cwd, *args, timeout=300):
                           timeout=timeout)
 
 
+DISTILL = ["distill", "teacher=resnet50", "student=mobilenetv2", *TINY]
+
+
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """`cvlab distill teacher=resnet50 student=mobilenetv2` as typed, tiny budgets; returns (cwd, run dir, result)."""
     cwd = tmp_path_factory.mktemp("distill")
-    result = _cvlab(cwd, "distill", "teacher=resnet50", "student=mobilenetv2", *TINY)
+    result = _cvlab(cwd, *DISTILL)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (cwd / "runs" / "distillation" / "resnet50-to-mobilenetv2").iterdir()
     return cwd, run, result
+
+
+def _rows(run) -> dict:
+    return {row["stage"]: row for row in json.loads((run / "distill.json").read_text())["rows"]}
 
 
 def test_cli_distill_writes_three_stages_and_one_table(distilled):
@@ -219,35 +285,87 @@ def test_cli_distill_writes_three_stages_and_one_table(distilled):
 
     _, run, result = distilled
     for stage in ("teacher", "student", "student_kd"):
-        for name in ("weights/best.ckpt", "weights/last.ckpt", "results.csv", "metrics.json"):
+        for name in ("weights/best.ckpt", "weights/last.ckpt", "results.csv", "metrics.json", "stage.json"):
             assert (run / stage / name).is_file(), f"{stage}/{name}"
     report = json.loads((run / "distill.json").read_text())
-    rows = {row["stage"]: row for row in report["rows"]}
+    rows = _rows(run)
     assert list(rows) == ["teacher", "student", "student_kd"]
     assert [rows[s]["model"] for s in rows] == ["resnet50", "mobilenetv2", "mobilenetv2"]
     assert [rows[s]["params"] for s in rows] == [23_519_690, 2_236_106, 2_236_106]  # 10 classes, 1x8x8 digits
     assert rows["teacher"]["flops"] > rows["student"]["flops"] > 0
     assert all(rows[s]["cpu_latency_ms"] > 0 for s in rows)
-    for stage, row in rows.items():
-        assert row["val/acc"] == json.loads((run / stage / "metrics.json").read_text())["val/acc"]
+    for stage, row in rows.items():  # the best-on-val checkpoint, scored on val and on test
+        stage_metrics = json.loads((run / stage / "metrics.json").read_text())
+        assert (row["val/acc"], row["test/acc"]) == (stage_metrics["val/acc"], stage_metrics["test/acc"])
     assert (report["kind"], report["temperature"], report["alpha"]) == ("offline", 4.0, 0.9)
-    assert report["kd_gain"] == pytest.approx(rows["student_kd"]["val/acc"] - rows["student"]["val/acc"])
+    assert report["kd_gain"] == pytest.approx(rows["student_kd"]["test/acc"] - rows["student"]["test/acc"])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["val/acc"] == rows["student_kd"]["val/acc"]
-    assert metrics["teacher/val/acc"] == rows["teacher"]["val/acc"]
-    assert "student with KD" in result.stdout and "KD gain over the student alone" in result.stdout
+    assert (metrics["val/acc"], metrics["test/acc"]) == (rows["student_kd"]["val/acc"], rows["student_kd"]["test/acc"])
+    assert metrics["teacher/test/acc"] == rows["teacher"]["test/acc"]
+    assert metrics["student/val/acc"] == rows["student"]["val/acc"]
+    summary = json.loads((run / "stages.json").read_text())
+    assert [(row["stage"], row["skipped"]) for row in summary["stages"]] == [
+        ("teacher", False), ("student", False), ("student_kd", False)]
+    table = result.stdout[result.stdout.index("knowledge distillation (offline, T=4, alpha=0.9)"):]
+    header = next(line for line in table.splitlines() if "model" in line)
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == [
+        "", "model", "test acc", "val acc", "params", "MFLOPs", "CPU ms/image"]
+    kd_line = next(line for line in table.splitlines() if "student with KD" in line)
+    assert f"{rows['student_kd']['test/acc']:.4f}" in kd_line and "2,236,106" in kd_line
+    assert "KD gain over the student alone" in result.stdout
     kd = torch.load(run / "student_kd" / "weights" / "best.ckpt", map_location="cpu", weights_only=False)
-    assert kd["distillation"]["temperature"] == 4.0
+    assert kd["distillation"]["temperature"] == 4.0 and kd["cvlab_task"] == "distillation"
     assert not any(k.startswith(("teacher", "_teacher")) for k in kd["state_dict"])
     student = load_task(str(run / "student_kd" / "weights" / "best.ckpt"))  # a classifier on its own
     assert type(student).__name__ == "DistillationTask" and student.teacher is None
     assert student(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_rerun_in_the_run_directory_skips_the_finished_stages(distilled, tmp_path):
+    _, run, _ = distilled
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    (killed / "student_kd" / "stage.json").unlink()  # killed while the distilled student trained
+    weights = {stage: (killed / stage / "weights" / "best.ckpt").stat().st_mtime_ns for stage in ("teacher", "student")}
+    result = _cvlab(tmp_path, *DISTILL, f"hydra.run.dir={killed}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished earlier (") == 2  # teacher and student: not trained again
+    assert {stage: (killed / stage / "weights" / "best.ckpt").stat().st_mtime_ns for stage in weights} == weights
+    assert [row["skipped"] for row in json.loads((killed / "stages.json").read_text())["stages"]] == [
+        True, True, False]
+    # the distilled student learnt again from the teacher restored from teacher/weights/best.ckpt: same seed, same
+    # teacher, so the same figures as the uninterrupted run
+    before, after = _rows(run), _rows(killed)
+    for key in ("val/acc", "test/acc", "val/f1", "test/f1", "params", "flops", "cpu_latency_ms"):
+        assert after["student_kd"][key] == before["student_kd"][key], key
+    assert after["teacher"] == before["teacher"] and after["student"] == before["student"]
+    kd_metrics = json.loads((killed / "student_kd" / "metrics.json").read_text())
+    assert kd_metrics["val/loss"] == json.loads((run / "student_kd" / "metrics.json").read_text())["val/loss"]
+
+
+
+def test_a_finished_run_in_its_directory_trains_nothing_and_reports_the_same(distilled, tmp_path, capsys,
+                                                                            monkeypatch):
+    from cvlab.run import distill
+    from cvlab.utils.config import compose
+
+    _, run, _ = distilled
+    finished = tmp_path / "finished"
+    shutil.copytree(run, finished)
+    monkeypatch.setattr(distill, "run_train", lambda *args, **kwargs: pytest.fail("a finished stage trained again"))
+    cfg = compose("distill", ["model@teacher=resnet50", "model@student=mobilenetv2", *TINY,
+                              f"paths.output_dir={finished}"])
+    metrics, tasks = distill.run_distill(cfg)
+    assert capsys.readouterr().out.count("finished earlier (") == 3
+    assert tasks["teacher"] is None  # no stage that ran needed it: not even restored
+    assert _rows(finished) == _rows(run)
+    assert metrics == json.loads((run / "metrics.json").read_text())
+
+
 def test_sweep_reuses_a_teacher_checkpoint_and_ranks_temperatures(distilled):
     cwd, run, _ = distilled
     teacher = run / "teacher" / "weights" / "best.ckpt"
-    teacher_acc = json.loads((run / "teacher" / "metrics.json").read_text())["val/acc"]
+    teacher_metrics = json.loads((run / "teacher" / "metrics.json").read_text())
     result = _cvlab(cwd, "sweep", f"teacher.ckpt={teacher}", "student=mobilenetv3_small", "distill.baseline=false",
                     "distill.temperature=1,8", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -258,8 +376,9 @@ def test_sweep_reuses_a_teacher_checkpoint_and_ranks_temperatures(distilled):
     for job in ("0", "1"):
         report = json.loads((board.parent / job / "distill.json").read_text())
         assert [row["stage"] for row in report["rows"]] == ["teacher", "student_kd"]
-        assert report["teacher_ckpt"] == str(teacher)
-        assert report["rows"][0]["val/acc"] == pytest.approx(teacher_acc)  # the same teacher, re-validated
+        assert report["teacher_ckpt"] == str(teacher) and report["kd_gain"] is None
+        for split in ("val", "test"):  # the same teacher, scored again on this run's splits
+            assert report["rows"][0][f"{split}/acc"] == pytest.approx(teacher_metrics[f"{split}/acc"])
         assert not (board.parent / job / "teacher" / "weights").exists()  # loaded, not trained
     assert "leaderboard (val/acc, higher is better)" in result.stdout
 
@@ -267,7 +386,7 @@ def test_sweep_reuses_a_teacher_checkpoint_and_ranks_temperatures(distilled):
 def test_teacher_of_other_classes_is_one_line_exit_2_no_run_dir(distilled, tmp_path):
     _, run, _ = distilled
     result = _cvlab(tmp_path, "distill", f"teacher.ckpt={run / 'teacher' / 'weights' / 'best.ckpt'}", "data=shapes",
-                    "data.train_size=20", "data.val_size=10", *TINY)
+                    "data.train_size=20", "data.val_size=10", "data.test_size=10", *TINY)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stdout
@@ -278,10 +397,11 @@ def test_teacher_of_other_classes_is_one_line_exit_2_no_run_dir(distilled, tmp_p
 @pytest.mark.parametrize(("override", "expected"), [
     ("distill.kind=online", "unknown distill.kind 'online'. Did you mean offline"),
     ("teacher.ckpt=missing.ckpt", "teacher.ckpt 'missing.ckpt' does not exist"),
-    ("distill.train_fraction=0.001", "distill.train_fraction=0.001 keeps 1 of 1437 training images"),
+    ("distill.train_fraction=0.001", "distill.train_fraction=0.001 keeps 1 of 1257 training images"),
+    ("resume=last.ckpt", "cvlab distill resumes a killed run by running it again in the same run directory"),
 ])
 def test_bad_distill_input_exits_2_and_removes_the_run_dir(tmp_path, capsys, override, expected):
-    from cvlab.run.common import run_guarded
+    from cvlab.engine import run_guarded
     from cvlab.run.distill import run_distill
     from cvlab.utils.config import compose
 

@@ -9,7 +9,8 @@ Kinds (``distill.kind``):
 =============== ===========================================================================================
 offline         alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE(student, labels)
 self            the same, teacher and student of one architecture (born-again)
-feature         offline + hint_weight * MSE(1x1 regressor(student middle layer), teacher middle layer)
+feature         offline + hint_weight * MSE(1x1 regressor(student middle stage), teacher middle stage): the
+                middle of each backbone's ``feature_info`` unless named (a ViT's tokens laid out as a map)
 semi_supervised the data withholds most labels (label ``UNLABELED``): CE on the labeled images only, the soft
                 targets on every image
 self_supervised no labels at all: the student matches the teacher on randomly augmented views of each batch
@@ -19,21 +20,24 @@ The teacher lives outside the module tree: it is not trained, not saved in the s
 Lightning's ``.train()`` never reaches it, so it stays in eval mode (BatchNorm statistics frozen). It is attached
 for fitting by the ``AttachTeacher`` callback; a restored checkpoint (``load_task``, ``cvlab eval``) is the
 student alone, a working classifier. The FitNets regressor is part of the module (it is trained) and is rebuilt
-from the checkpoint's weights when one is loaded.
+from the checkpoint's weights when one is loaded. The task is registered as ``distillation`` (``task.name``).
+
+``check_teacher`` and ``check_hint_layers`` let ``cvlab distill`` refuse a wrong teacher or hint layer before any
+training.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
-from cvlab.data.classification import ClassificationDataModule, Split
+from cvlab.data.base import DataInfo
+from cvlab.data.budget import HiddenLabels, LabelBudgetDataModule  # noqa: F401  (named by older checkpoints' data)
 from cvlab.losses.distillation import UNLABELED, distillation_loss, hint_loss
+from cvlab.tasks.base import BaseTask, build_model, register_task
 from cvlab.tasks.classification import ClassificationTask
 from cvlab.utils.errors import UserError, suggest
 
@@ -62,12 +66,55 @@ class DistillationSettings:
             raise UserError(f"distill.alpha weighs the soft targets against the labels; it lies in [0, 1], "
                             f"got {self.alpha}.")
 
+    @classmethod
+    def from_config(cls, node) -> "DistillationSettings":
+        """The settings of a ``distill`` config node."""
+        from omegaconf import OmegaConf
 
-def _outputs(model: nn.Module, layers: dict[str, nn.Module], in_chans: int, image_size: int) -> dict[str, object]:
-    """What each of ``layers`` (modules of ``model``) outputs for one blank image, the model in eval mode."""
-    outputs: dict[str, object] = {}
-    handles = [layer.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
-               for name, layer in layers.items()]
+        return cls(kind=str(node.kind), temperature=float(node.temperature), alpha=float(node.alpha),
+                   hint_weight=float(node.hint_weight),
+                   hint_layers=OmegaConf.to_container(node.hint_layers, resolve=True))
+
+
+def _shape(info: DataInfo) -> str:
+    return f"{info.num_classes} classes at {info.in_chans}x{info.image_size}x{info.image_size}"
+
+
+def check_teacher(task: BaseTask, info: DataInfo, data_name: str, ckpt: str) -> ClassificationTask:
+    """``task`` (restored from ``teacher.ckpt=ckpt``) if it can teach on data ``info``: a classifier of the same
+    classes and input size; a UserError otherwise."""
+    if not isinstance(task, ClassificationTask):
+        raise UserError(f"teacher.ckpt {ckpt!r} holds a {type(task).__name__}; a teacher must be a classifier.")
+
+    def signature(data: DataInfo) -> tuple:
+        return data.num_classes, data.in_chans, data.image_size, list(data.class_names)
+
+    trained = task.data_info
+    if signature(trained) != signature(info):
+        raise UserError(f"teacher.ckpt was trained on {_shape(trained)} but data {data_name!r} has {_shape(info)}; "
+                        "teacher and student must agree on classes and input size.")
+    return task
+
+
+def check_hint_layers(teacher: nn.Module | dict, student: dict, groups: dict, info: DataInfo,
+                      hint_layers: dict) -> None:
+    """Resolves the FitNets layers (``hint_layers``: teacher and student names, or ``auto``) on the two
+    architectures before any training, so a wrong name costs nothing. ``teacher`` is a model or a model config,
+    ``student`` a model config; ``groups`` holds the norm/activation/attention configs they are built with."""
+    def build(model: dict) -> nn.Module:
+        return build_model(model, groups["norm"], groups["activation"], groups["attention"], {"name": "default"},
+                           num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size)
+
+    size = (info.in_chans, info.image_size)
+    hint_layer(teacher if isinstance(teacher, nn.Module) else build(teacher), hint_layers["teacher"], *size,
+               role="teacher")
+    hint_layer(build(student), hint_layers["student"], *size, role="student")
+
+
+def _output(model: nn.Module, layer: str, in_chans: int, image_size: int):
+    """What ``layer`` (a module of ``model``) outputs for one blank image, the model in eval mode."""
+    outputs = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: outputs.append(out))
     was_training = model.training
     model.eval()
     try:
@@ -75,46 +122,43 @@ def _outputs(model: nn.Module, layers: dict[str, nn.Module], in_chans: int, imag
             model(torch.zeros(1, in_chans, image_size, image_size))
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return outputs
+        handle.remove()
+    return outputs[0] if outputs else None
 
 
-def feature_stages(model: nn.Module, in_chans: int, image_size: int) -> dict[str, int]:
-    """The model's stages and their channels: its top-level blocks with weights that output a Tensor[N, C, H, W],
-    or, when there is one such block (MobileNets' ``features`` trunk), that block's children."""
-    def stages_of(prefix: str, parent: nn.Module) -> dict[str, int]:
-        blocks = {f"{prefix}{name}": child for name, child in parent.named_children()
-                  if any(True for _ in child.parameters())}
-        outputs = _outputs(model, blocks, in_chans, image_size)
-        return {name: outputs[name].shape[1] for name in blocks
-                if isinstance(outputs.get(name), torch.Tensor) and outputs[name].dim() == 4}
-
-    stages = stages_of("", model)
-    if len(stages) == 1:
-        (trunk,) = stages
-        stages = stages_of(f"{trunk}.", model.get_submodule(trunk))
-    return stages
+def _stages(model: nn.Module) -> dict[str, dict]:
+    """The model's feature stages (its ``feature_info``: num_chs, reduction, module) by module name."""
+    return {info["module"]: info for info in getattr(model, "feature_info", ())}
 
 
 def hint_layer(model: nn.Module, name: str, in_chans: int, image_size: int, role: str) -> tuple[str, int]:
-    """Resolves ``name`` (``auto``: the middle of ``feature_stages``) to a layer of ``model`` whose output is a
-    Tensor[N, C, H, W]; returns (name, C). ``role`` (teacher or student) names the model in errors."""
-    stages = feature_stages(model, in_chans, image_size)
+    """Resolves ``name`` to a layer of ``model`` for a FitNets hint; returns (name, C), C the channels of its
+    feature map. ``auto`` is the middle stage of the model's ``feature_info``; a stage's output becomes a map
+    through :func:`hint_map`, and any other named layer must output a Tensor[N, C, H, W]. ``role`` (teacher or
+    student) names the model in errors."""
+    stages = _stages(model)
     if name == "auto":
         if not stages:
-            raise UserError(f"the {role} has no convolutional stage for a FitNets hint; name a layer with "
+            raise UserError(f"the {role} lists no feature stages for a FitNets hint; name a layer with "
                             f"distill.hint_layers.{role}=...")
         name = list(stages)[len(stages) // 2]
-        return name, stages[name]
     layers = [n for n, _ in model.named_modules() if n]
     if name not in layers:
         raise UserError(f"the {role} has no layer {name!r}.{suggest(name, layers)} "
                         f"Its stages: {', '.join(stages)}.")
-    out = _outputs(model, {name: model.get_submodule(name)}, in_chans, image_size).get(name)
+    if name in stages:
+        return name, stages[name]["num_chs"]
+    out = _output(model, name, in_chans, image_size)
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         raise UserError(f"the {role} layer {name!r} does not output a Tensor[N, C, H, W] feature map.")
     return name, out.shape[1]
+
+
+def hint_map(model: nn.Module, layer: str, output: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+    """What ``layer`` of ``model`` output for ``input_size`` images, as a Tensor[N, C, H, W]: a feature stage
+    through its backbone's ``feature_map`` (a ViT's tokens laid out on their patch grid), any other layer as is."""
+    stage = _stages(model).get(layer)
+    return type(model).feature_map(output, input_size, stage["reduction"]) if stage else output
 
 
 def augmented_views(images: torch.Tensor) -> torch.Tensor:
@@ -122,8 +166,11 @@ def augmented_views(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([VIEW_AUGMENT(image) for image in images])
 
 
+@register_task("distillation")
 class DistillationTask(ClassificationTask):
     """The student (``model``) learns from a frozen teacher; validation, metrics and checkpoints are the student's."""
+
+    model_task = "classification"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -146,8 +193,7 @@ class DistillationTask(ClassificationTask):
         self._remove_hooks()
         if settings.kind != "feature":
             return
-        info = self.hparams.data_info
-        size = (info["in_chans"], info["image_size"])
+        size = (self.data_info.in_chans, self.data_info.image_size)
         teacher_layer, teacher_channels = hint_layer(teacher, settings.hint_layers["teacher"], *size, role="teacher")
         student_layer, student_channels = hint_layer(self.model, settings.hint_layers["student"], *size, role="student")
         self.settings = replace(settings, hint_layers={"teacher": teacher_layer, "student": student_layer})
@@ -187,7 +233,10 @@ class DistillationTask(ClassificationTask):
         loss = terms.total
         batch_size = len(images)
         if settings.kind == "feature":
-            hint = hint_loss(self.hint_regressor(self._features.pop("student")), self._features.pop("teacher"))
+            layers, size = settings.hint_layers, tuple(images.shape[-2:])
+            guided = hint_map(self.model, layers["student"], self._features.pop("student"), size)
+            hint = hint_loss(self.hint_regressor(guided),
+                             hint_map(self.teacher, layers["teacher"], self._features.pop("teacher"), size))
             loss = loss + settings.hint_weight * hint
             self.log("train/loss_hint", hint, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
@@ -224,65 +273,3 @@ class AttachTeacher(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             pl_module.attach_teacher(self.teacher, self.settings)
-
-
-class HiddenLabels(Dataset):
-    """(image, label) pairs of ``base`` with the label replaced by ``UNLABELED`` where ``hidden[i]``."""
-
-    def __init__(self, base: Dataset, hidden: np.ndarray):
-        self.base, self.hidden = base, hidden
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        image, label = self.base[index]
-        return image, UNLABELED if self.hidden[index] else label
-
-
-def _stratified_subset(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int, what: str) -> np.ndarray:
-    from sklearn.model_selection import train_test_split
-
-    if fraction >= 1:
-        return indices
-    if not 0 < fraction < 1:
-        raise UserError(f"{what} is a share of the training images in (0, 1], got {fraction}.")
-    try:
-        kept, _ = train_test_split(indices, train_size=fraction, stratify=labels, random_state=seed)
-    except ValueError:
-        classes = len(np.unique(labels))
-        raise UserError(f"{what}={fraction} keeps {int(fraction * len(indices))} of {len(indices)} training images, "
-                        f"fewer than the {classes} classes; raise it.") from None
-    return np.sort(kept)
-
-
-class LabelBudgetDataModule(ClassificationDataModule):
-    """The classification data with fewer training labels: ``train_fraction`` of the training split (stratified by
-    class, drawn with the data seed), of which ``labeled_fraction`` keep their labels. ``unlabeled="drop"`` leaves
-    the other images out; ``"hide"`` keeps them with the label ``UNLABELED`` (semi-supervised distillation). The
-    validation split is untouched."""
-
-    def __init__(self, *args, train_fraction: float = 1.0, labeled_fraction: float = 1.0, unlabeled: str = "drop",
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        if unlabeled not in ("drop", "hide"):
-            raise UserError(f"unlabeled is drop or hide, got {unlabeled!r}.")
-        if unlabeled == "hide" and self.hparams.sampler != "none":
-            raise UserError(f"sampler={self.hparams.sampler} balances classes by label, which semi-supervised "
-                            "distillation withholds; use sampler=none.")
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.split is not None:
-            return
-        super().setup(stage)
-        hp, split = self.hparams, self.split
-        labels = np.asarray(split.train_labels)
-        kept = _stratified_subset(np.arange(len(labels)), labels, hp.train_fraction, hp.seed, "distill.train_fraction")
-        labeled = _stratified_subset(kept, labels[kept], hp.labeled_fraction, hp.seed, "distill.labeled_fraction")
-        if hp.unlabeled == "drop":
-            train, train_labels = Subset(split.train, labeled.tolist()), labels[labeled]
-        else:
-            hidden = ~np.isin(kept, labeled)
-            train = HiddenLabels(Subset(split.train, kept.tolist()), hidden)
-            train_labels = np.where(hidden, UNLABELED, labels[kept])
-        self.split = Split(train, split.val, train_labels.tolist(), split.class_names, split.problems)
