@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test test-slow smoke bench install install-dev clean
+.PHONY: run test test-slow lint smoke bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ run: $(STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 	$(BIN)/cvlab smoke
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check cvlab tests scripts
 
 test-slow: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -50,21 +50,36 @@ def _choice(overrides: list[str], group: str) -> str | None:
     return None
 
 
-def complete_task(overrides: list[str]) -> list[str]:
-    """`model=yolov3` alone selects the detection task and its default data; explicit task=/data= win."""
+def _models_of(task: str) -> list[str]:
     from cvlab.utils import config
+
+    return [name for name in config.options("model")
+            if config.read_option("model", name).get("task", "classification") == task]
+
+
+def complete_task(overrides: list[str], announce: bool = False) -> list[str]:
+    """`model=yolov3` alone selects the detection task and its default data; explicit task=/data= win. With
+    ``announce``, what was filled in is printed as one line; a model of another task than task= is refused."""
+    from cvlab.utils import config
+    from cvlab.utils.console import console, fail
 
     model = _choice(overrides, "model")
     if model is None or "," in model or model not in config.options("model"):
         return overrides
     extra = []
+    model_task = config.read_option("model", model).get("task", "classification")
     task = _choice(overrides, "task")
     if task is None:
-        task = config.read_option("model", model).get("task", "classification")
+        task = model_task
         if task != "classification":
             extra.append(f"task={task}")
+    elif "," not in task and task in config.options("task") and task != model_task:
+        fail(f"model {model!r} is a {model_task} model; task={task} takes one of {', '.join(_models_of(task))}.")
     if _choice(overrides, "data") is None and task in config.options("task") and task != "classification":
         extra.append(f"data={config.read_option('task', task)['default_data']}")
+    if extra and announce:
+        console.print(f"model={model}: {' '.join(extra)} (give task=/data= to choose otherwise)", style="dim",
+                      highlight=False)
     return extra + overrides
 
 
@@ -115,7 +130,7 @@ def launch(command: str, config_name: str, entry: str, args: list[str], multirun
 
     flags, overrides = _split(args)
     if config_name == "train":
-        overrides = complete_task(overrides)
+        overrides = complete_task(overrides, announce=True)
     elif config_name == "distill":
         overrides = distill_overrides(overrides)
     _check(config_name, overrides)
@@ -152,8 +167,20 @@ def _require_checkpoint(command: str, overrides: list[str]) -> None:
 
 @app.command(name="eval", context_settings=PASS_THROUGH)
 def evaluate(ctx: typer.Context) -> None:
-    """Evaluate a checkpoint: cvlab eval ckpt=runs/.../weights/best.ckpt [data=...]; writes eval.json."""
-    _require_checkpoint("eval", _split(ctx.args)[1])
+    """Evaluate a checkpoint: cvlab eval ckpt=runs/.../weights/best.ckpt [split=test|val] [data=...]; writes eval.json.
+
+    The split defaults to test, the split a training run reports; the checkpoint re-creates it from its own data
+    config and seed."""
+    from cvlab.utils.config import check_split
+    from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+
+    overrides = _split(ctx.args)[1]
+    try:
+        check_split(_choice(overrides, "split") or "test")
+    except UserError as error:
+        fail(str(error))
+    _require_checkpoint("eval", overrides)
     launch("eval", "eval", "eval", ctx.args)
 
 
@@ -201,7 +228,9 @@ def distill(ctx: typer.Context) -> None:
 
 
 @app.command(name="list")
-def list_options(group: Optional[str] = typer.Argument(None, help="a config group, e.g. model; all groups if omitted")) -> None:
+def list_options(
+    group: Optional[str] = typer.Argument(None, help="a config group, e.g. model; all groups if omitted"),
+) -> None:
     """Every option of every config group (or of one group), with a one-line description."""
     from rich.table import Table
 
@@ -232,7 +261,7 @@ def anchors(ctx: typer.Context) -> None:
 
     k-means over the training boxes' sizes with distance 1 - IoU (YOLOv2's dimension clusters); prints the anchors
     and their mean best IoU beside the model's own. n defaults to the model's number of anchors (yolov2: 5,
-    yolov3: 9, yolov3_tiny: 6); boxes are measured at data.img_size. Train with the result via
+    yolov3: 9, yolov3_tiny: 6); boxes are measured at data.image_size. Train with the result via
     model.anchors=[[w,h],...] or let training cluster: model.anchors=auto.
     Examples: cvlab anchors | cvlab anchors data=coco data.root=~/data/coco model=yolov2
     """
@@ -244,7 +273,8 @@ def smoke(
     models: Optional[list[str]] = typer.Argument(None, help="model names (default: every registered model)"),
     steps: int = typer.Option(2, help="training and validation batches per model"),
 ) -> None:
-    """Every registered model runs a few training and validation steps on tiny embedded data; a table says which passed."""
+    """Every registered model runs a few training and validation steps on tiny embedded data; a table says which
+    passed."""
     from cvlab.run.smoke import run_smoke
 
     failed = run_smoke(models or None, steps)

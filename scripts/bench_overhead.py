@@ -2,7 +2,7 @@
 
 Both legs train the same model on the same data from the same seed with the same optimizer:
 
-* **cvlab**: the ``train`` config composed in-process and run through ``cvlab.run.train.run_train`` (the path
+* **cvlab**: the ``train`` config composed in-process and run through ``cvlab.engine.run_train`` (the path
   ``cvlab train`` takes), with a small callback that records the loss of every optimizer step and the weights the
   fit starts from. The leg the issue's ratio is taken on ("cvlab lean") turns off what a benchmark does not need:
   every callback (checkpoints, results.csv, RNG state, lr monitor, progress bar), the logger, the progress bar and
@@ -51,8 +51,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cvlab.run.common import to_plain
-from cvlab.run.train import build_datamodule, run_train
+from cvlab.engine import build_datamodule, run_train, to_plain
 from cvlab.tasks.base import build_model
 from cvlab.utils.config import compose
 from cvlab.utils.console import console
@@ -135,7 +134,7 @@ class StepLossRecorder(pl.Callback):
             self.stopwatch.start()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":  # run_train validates the best checkpoint afterwards: not part of the fit
+        if stage == "fit":  # run_train scores the best checkpoint on val and test afterwards: not part of the fit
             self.fit_time = self.stopwatch.read()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,8 +192,8 @@ def run_plain(overrides: list[str]) -> LegRun:
     datamodule = build_datamodule(cfg)
     info = datamodule.info
     model = build_model(to_plain(cfg.model), to_plain(cfg.norm), to_plain(cfg.activation), to_plain(cfg.attention),
-                        to_plain(cfg.init), num_classes=info["num_classes"], in_chans=info["in_chans"],
-                        img_size=info["image_size"])
+                        to_plain(cfg.init), num_classes=info.num_classes, in_chans=info.in_chans,
+                        image_size=info.image_size)
     # cvlab's loaders give the datasets, sampler, batch size and drop_last; the loop iterates loaders of its own.
     cvlab_loader, cvlab_val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
     sampler = cvlab_loader.sampler

@@ -38,6 +38,10 @@ def test_help_does_not_import_torch():
         (["train", "resume=missing.ckpt", "trainer=debug"], "resume checkpoint 'missing.ckpt' does not exist"),
         (["list", "modle"], "unknown group 'modle'. Did you mean model"),
         (["info", "model=resnet5"], "Did you mean resnet50"),
+        (["train", "task=detection", "model=resnet18"],
+         "model 'resnet18' is a classification model; task=detection takes one of yolov1, yolov1_tiny, yolov2"),
+        (["train", "model=yolov3_tiny", "loss=ce"], "loss=ce is a classification loss; task=detection cannot use it"),
+        (["eval", "ckpt=README.md", "split=train"], "split is one of val, test, got 'train'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_run_dir(cli, tmp_path, args, expected):
@@ -60,6 +64,14 @@ def test_data_errors_leave_no_run_directory(cli, tmp_path):
     assert result.returncode == 2
     assert f"no images found under {empty}" in result.stderr
     assert not list((tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else True
+
+
+def test_the_task_and_data_a_model_fills_in_are_announced(cli):
+    result = cli("train", "model=yolov3_tiny", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    note = "model=yolov3_tiny: task=detection data=shapes_det (give task=/data= to choose otherwise)"
+    assert note in result.stdout.replace("\n", "")
+    assert "task=detection" not in cli("train", "model=resnet50", "--cfg", "job").stdout
 
 
 def test_list_describes_every_option(cli):

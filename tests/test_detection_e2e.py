@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FAST
 from cvlab.data.detection import unletterbox_boxes
 from cvlab.data.shapes import SHAPE_CLASSES
+from cvlab.engine import run_train
 from cvlab.ops.anchors import kmeans_anchors, mean_best_iou
 from cvlab.run.eval import run_eval
 from cvlab.run.predict import run_predict
-from cvlab.run.train import run_train
 from cvlab.utils.config import compose
-from conftest import FAST
 from detection_files import COCO_CATEGORY_IDS, shape_scenes, write_coco
 
-TINY = ["task=detection", "model.width=0.125", "data.img_size=64", "data.batch_size=4"]
+TINY = ["task=detection", "model.width=0.125", "data.image_size=64", "data.batch_size=4"]
 DATA = {
     "shapes_det": ["data=shapes_det", "data.train_size=8", "data.val_size=4"],
     "coco": ["data=coco", "data.num_workers=0"],  # + data.root
@@ -71,8 +71,8 @@ def trained(tmp_path_factory, coco_root):
     return train
 
 
-def val_class_names(datamodule) -> set[str]:
-    labels = torch.cat([datamodule.val_set.load(i)[2] for i in range(len(datamodule.val_set))])
+def class_names_in(dataset) -> set[str]:
+    labels = torch.cat([dataset.load(i)[2] for i in range(len(dataset))])
     return {SHAPE_CLASSES[k] for k in labels.tolist()}
 
 
@@ -81,8 +81,11 @@ def val_class_names(datamodule) -> set[str]:
 def test_train_then_eval_reproduces_map(trained, model, data, tmp_path, capsys):
     run, metrics, objects = trained(model, data)
     saved = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= saved["val/map_50"] <= 1.0 and saved["val/map_50"] == pytest.approx(metrics["val/map_50"])
-    assert set(saved["ap_per_class"]) == val_class_names(objects["datamodule"])
+    for split in ("val", "test"):
+        assert 0.0 <= saved[f"{split}/map_50"] <= 1.0
+        assert saved[f"{split}/map_50"] == pytest.approx(metrics[f"{split}/map_50"])
+    # The per-class figures are the test split's: the classes it holds.
+    assert set(saved["ap_per_class"]) == class_names_in(objects["datamodule"].test_set)
     assert all(0.0 <= ap <= 1.0 for ap in saved["ap_per_class"].values())
     assert (run / "pr_curves.png").is_file() and (run / "weights" / "best.ckpt").is_file()
 
@@ -95,7 +98,7 @@ def test_train_then_eval_reproduces_map(trained, model, data, tmp_path, capsys):
     for name, ap in saved["ap_per_class"].items():
         assert re.search(rf"{name}\s+│\s+{saved['ap50_per_class'][name]:.4f}\s+│\s+{ap:.4f}", table), (name, table)
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    for key in ("val/map", "val/map_50", "val/map_75", "val/mar_100"):
+    for key in ("test/map", "test/map_50", "test/map_75", "test/mar_100"):  # eval's default split is test
         assert evaluated[key] == pytest.approx(saved[key], abs=1e-6), key
     assert evaluated["ap_per_class"] == pytest.approx(saved["ap_per_class"], abs=1e-6)
     assert evaluated["ap50_per_class"] == pytest.approx(saved["ap50_per_class"], abs=1e-6)
@@ -114,7 +117,7 @@ def test_anchors_auto_are_the_kmeans_anchors_of_the_training_boxes_and_are_check
 
 def test_anchor_box_sizes_are_measured_at_the_letterboxed_size(coco_root):
     from cvlab.data.detection import CocoDataset
-    from cvlab.run.anchors import box_sizes
+    from cvlab.tasks.anchors import box_sizes
 
     dataset = CocoDataset(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json")
     boxes = np.concatenate([scene[2] for scene in shape_scenes(COCO_VAL, seed=VAL_SEED)])
@@ -123,7 +126,7 @@ def test_anchor_box_sizes_are_measured_at_the_letterboxed_size(coco_root):
 
 
 def test_cli_anchors_prints_k_anchors_fitting_at_least_as_well_as_the_defaults(cli):
-    result = cli("anchors", "data.img_size=64", "data.train_size=64")
+    result = cli("anchors", "data.image_size=64", "data.train_size=64")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = re.findall(r"│\s+(\d+) │\s+([\d.]+) x ([\d.]+) │\s+([\d.]+) x ([\d.]+) │", result.stdout)
     assert [int(r[0]) for r in rows] == list(range(9))  # yolov3: nine anchors
@@ -186,7 +189,9 @@ def test_predict_equals_the_validation_pipeline_mapped_back_and_conf_filters(tra
     torch.testing.assert_close(scores, detections["scores"][inside], atol=1e-5, rtol=0)
     assert [p["category_id"] for p in mine] == [COCO_CATEGORY_IDS[k] for k in detections["labels"][inside].tolist()]
 
-    median = float(np.median([p["score"] for p in everything]))
+    # A threshold halfway between two saved (5-decimal) scores, so no raw score rounds onto it.
+    scores = sorted({p["score"] for p in everything})
+    median = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
     kept = run_predict(compose("predict", [*overrides, f"conf={median}", f"paths.output_dir={tmp_path / 'b'}"]))[1]
     assert kept["predictions"] == [p for p in everything if p["score"] > median]
     assert sorted(p.name for p in (tmp_path / "b").glob("*.png")) == [f"img{i}.png" for i in range(len(COCO_VAL))]
@@ -222,20 +227,37 @@ def test_predict_on_a_classification_checkpoint(tmp_path):
 def test_info_counts_a_detector_exactly(tmp_path):
     from cvlab.run.info import run_info
 
-    # 80 COCO-style categories (one annotated image per split): YOLOv3-tiny at its release size.
+    # 80 COCO-style categories (one annotated image in each of the three splits): YOLOv3-tiny at its release size.
     root = tmp_path / "coco80"
-    for split in ("train2017", "val2017"):
+    for split in ("train2017", "val2017", "test2017"):
         (root / split).mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(root / split / "a.png")
     (root / "annotations").mkdir()
     payload = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 8], "iscrowd": 0}],
                "categories": [{"id": k + 1, "name": f"class{k}"} for k in range(80)]}
-    for split in ("train2017", "val2017"):
+    for split in ("train2017", "val2017", "test2017"):
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(payload))
     cfg = compose("train", ["task=detection", "model=yolov3_tiny", "data=coco", f"data.root={root}",
-                            "data.img_size=416", "data.num_workers=0"])
+                            "data.image_size=416", "data.num_workers=0"])
     summary = run_info(cfg)
     assert summary["params"] == 8_852_366  # yolov3-tiny.cfg
     assert summary["flops"] == 5_564_961_792  # Darknet: 5.56 Bn
     assert sum(row[1] for row in summary["stages"]) == summary["params"]
+
+
+def test_cli_trains_yolov3_on_a_zoo_backbone(cli, tmp_path):
+    from cvlab.models import create_model
+
+    result = cli("train", "model=yolov3", "model.backbone=resnet50", "trainer=debug", "logger=none",
+                 "data.image_size=64", "data.train_size=8", "data.val_size=4", "data.test_size=4", "data.batch_size=4",
+                 "~callbacks.progress_bar", "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (metrics_file,) = (tmp_path / "runs" / "detection" / "yolov3").glob("*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert {"val/map_50", "test/map_50"} <= set(metrics)
+    with torch.device("meta"):
+        expected = create_model("yolov3", num_classes=len(SHAPE_CLASSES), image_size=64, backbone="resnet50")
+        paper = create_model("yolov3", num_classes=len(SHAPE_CLASSES), image_size=64)
+    assert metrics["params"] == sum(p.numel() for p in expected.parameters())
+    assert metrics["params"] != sum(p.numel() for p in paper.parameters())  # the backbone option took effect

@@ -13,12 +13,13 @@ import statistics
 import pytest
 import pytorch_lightning as pl
 
-from cvlab.run.train import run_train
+from cvlab.engine import run_train
 
-ONE_EPOCH = ("trainer.max_epochs=1", "trainer.limit_train_batches=null", "trainer.limit_val_batches=null")
-# digits: 1,797 images, 20% held out (360, stratified) -> 1,437 for training; batches of 16 (tests/conftest.py's
-# FAST), the last partial batch dropped.
-TRAIN_STEPS = 1437 // 16
+ONE_EPOCH = ("trainer.max_epochs=1", "trainer.limit_train_batches=null", "trainer.limit_val_batches=null",
+             "trainer.limit_test_batches=null")
+# digits: 1,797 images, 15 % for val and 15 % for test (270 each, stratified) -> 1,257 for training; batches of 16
+# (tests/conftest.py's FAST), the last partial batch dropped.
+TRAIN_STEPS = 1257 // 16
 
 
 class StepLosses(pl.Callback):
@@ -32,15 +33,17 @@ class StepLosses(pl.Callback):
 
 
 FAMILIES = [
-    # val/acc measured after the epoch (seed 42):
-    pytest.param("resnet18", (), 0.85, id="resnet18"),  # 0.964
+    # val/acc, test/acc measured after the epoch (seed 42, 1,257 training images):
+    pytest.param("resnet18", (), 0.85, id="resnet18"),  # 0.944, 0.919
     # ResNeXt shares ResNet's code path; its epoch costs ~35 s on 2 cores, so it runs with `make test-slow`.
     pytest.param("resnext50_32x4d", (), 0.75, id="resnext50_32x4d", marks=pytest.mark.slow),  # 0.922
-    pytest.param("mobilenetv2", ("model.width_mult=0.5",), 0.4, id="mobilenetv2-0.5"),  # 0.631
+    # One epoch of 78 steps leaves the half-width MobileNetV2 far from converged (its BN statistics lag); the code
+    # before the 70/15/15 split gave 0.285 at this training size too.
+    pytest.param("mobilenetv2", ("model.width_mult=0.5",), 0.2, id="mobilenetv2-0.5"),  # 0.256, 0.252
     # The CNNs' default lr (AdamW 3e-3) leaves a ViT at chance after one epoch (measured 0.10); 3e-4 is ViT's usual
     # from-scratch scale. 4x4 patches give 4 tokens + the class token on 8x8 digits.
-    pytest.param("vit_tiny", ("model.patch_size=4", "optimizer.lr=3e-4"), 0.7, id="vit_tiny-p4"),  # 0.867
-    pytest.param("darknet19", ("model.width=0.25",), 0.7, id="darknet19-0.25"),  # 0.886
+    pytest.param("vit_tiny", ("model.patch_size=4", "optimizer.lr=3e-4"), 0.7, id="vit_tiny-p4"),  # 0.852, 0.815
+    pytest.param("darknet19", ("model.width=0.25",), 0.7, id="darknet19-0.25"),  # 0.870, 0.900
 ]
 
 
@@ -54,7 +57,7 @@ def test_one_epoch_on_digits_learns(model, overrides, min_acc, train_cfg, tmp_pa
 
     assert int(epoch["epoch"]) == 0
     assert len(steps.losses) == TRAIN_STEPS  # a whole epoch, not trainer=debug's two batches
-    assert metrics["val/acc"] > min_acc
+    assert metrics["val/acc"] > min_acc and metrics["test/acc"] > min_acc
     first = steps.losses[0]
     assert float(epoch["train/loss"]) < first  # the epoch's mean loss
     assert statistics.mean(steps.losses[-10:]) < 0.8 * first

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cvlab.run.train import run_train
+from cvlab.engine import run_train
 from cvlab.utils.config import CONF_DIR, check_overrides, groups, options, read_option
 
 ONE_STEP = ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "~callbacks.model_checkpoint",
@@ -26,7 +26,9 @@ LAYER_OF = {
     ("attention", "danet"): "DualAttention",
 }
 TRAINABLE_GROUPS = ("norm", "activation", "init", "attention", "optimizer", "scheduler", "loss", "sampler", "logger")
-CASES = [(group, option) for group in TRAINABLE_GROUPS for option in options(group)]
+# Options made for another task (a detector's loss) are tested with their task.
+CASES = [(group, option) for group in TRAINABLE_GROUPS for option in options(group)
+         if read_option(group, option).get("task", "classification") == "classification"]
 
 
 def _module_types(model: nn.Module) -> set[str]:
@@ -66,7 +68,8 @@ def test_option_trains_one_step_and_takes_effect(train_cfg, tmp_path, group, opt
             assert type(configs[0].scheduler).__name__ == expected
     if group == "sampler":
         sampler = built["datamodule"].train_dataloader().sampler
-        assert type(sampler).__name__ == {"none": "EpochShuffleSampler", "class_balanced": "ClassBalancedSampler"}[option]
+        expected = {"none": "EpochShuffleSampler", "class_balanced": "ClassBalancedSampler"}[option]
+        assert type(sampler).__name__ == expected
     if group == "loss":
         assert task.criterion.label_smoothing == (0.1 if option == "label_smoothing" else 0.0)
     if group == "init" and option == "zeros":

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cvlab.run.train import run_train
+from cvlab.engine import run_train
 
 
 def read_csv(path):
@@ -34,20 +34,32 @@ def test_cli_train_writes_the_whole_run_directory(cli, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     best = max(float(r["val/acc"]) for r in rows)
     assert metrics["val/acc"] == pytest.approx(best, abs=1e-6)  # metrics.json describes the best checkpoint
+    assert {"test/acc", "test/f1", "test/loss"} <= set(metrics)  # ... and reports it on the test split
+    assert not any(key.startswith("test/") for key in rows[0])  # the test split is never seen during training
     assert metrics["params"] == 11_172_810  # resnet18, small stem, 1 input channel, 10 classes
+    table = result.stdout[result.stdout.index("(best checkpoint on val)"):]
+    header = next(line for line in table.splitlines() if "metric" in line)
+    assert header.index("val") < header.index("test")  # the final table has val beside test
+    acc_row = next(line for line in table.splitlines() if line.strip("│ ").startswith("acc "))
+    assert f"{metrics['val/acc']:.4f}" in acc_row and f"{metrics['test/acc']:.4f}" in acc_row
 
 
-def test_eval_restores_from_checkpoint_alone_and_reproduces_metrics(train_cfg, cli, tmp_path):
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_eval_restores_from_checkpoint_alone_and_reproduces_metrics(train_cfg, cli, tmp_path, split):
+    # A seed other than the default: eval must cut the same splits from the checkpoint's own data config and seed.
     cfg = train_cfg("trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=null",
-                    out=tmp_path / "run")
+                    "trainer.limit_test_batches=null", "seed=7", out=tmp_path / "run")
     metrics, _ = run_train(cfg)
+    assert metrics["val/acc"] != metrics["test/acc"] or metrics["val/loss"] != metrics["test/loss"]
     ckpt = tmp_path / "run" / "weights" / "best.ckpt"
-    result = cli("eval", f"ckpt={ckpt}", "trainer=cpu", cwd=tmp_path)
+    result = cli("eval", f"ckpt={ckpt}", "trainer=cpu", *([f"split={split}"] if split == "val" else []), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     (eval_json,) = (tmp_path / "run" / "eval").glob("*/eval.json")
     scores = json.loads(eval_json.read_text())
-    assert scores["val/acc"] == pytest.approx(metrics["val/acc"], abs=1e-6)
-    assert scores["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    assert scores["split"] == split
+    assert scores[f"{split}/acc"] == pytest.approx(metrics[f"{split}/acc"], abs=1e-6)
+    assert scores[f"{split}/loss"] == pytest.approx(metrics[f"{split}/loss"], rel=1e-5)
+    assert not any(key.startswith("val/" if split == "test" else "test/") for key in scores)
 
 
 def test_eval_refuses_data_with_other_classes(train_cfg, cli, tmp_path):

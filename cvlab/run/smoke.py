@@ -7,13 +7,15 @@ import tempfile
 import time
 import traceback
 
+from cvlab.engine import list_models, model_task, run_train
+from cvlab.utils.config import compose
 from cvlab.utils.console import console
 
 # Tiny data per task, so the whole zoo runs in a few minutes on a laptop CPU.
 SMOKE_OVERRIDES = {
     "classification": ["data=digits", "data.batch_size=8"],
-    "detection": ["data=shapes_det", "data.img_size=64", "data.train_size=16", "data.val_size=8",
-                  "data.batch_size=4", "model.width=0.25"],
+    "detection": ["data=shapes_det", "data.image_size=64", "data.train_size=16", "data.val_size=8",
+                  "data.test_size=8", "data.batch_size=4", "model.width=0.25"],
 }
 
 
@@ -21,17 +23,14 @@ def smoke_overrides(name: str, task: str, steps: int, out_dir: str) -> list[str]
     return [
         f"model={name}", f"task={task}", *SMOKE_OVERRIDES.get(task, []),
         "trainer=debug", f"trainer.limit_train_batches={steps}", f"trainer.limit_val_batches={steps}",
-        "trainer.enable_checkpointing=false", "~callbacks.model_checkpoint", "~callbacks.last_checkpoint", "~callbacks.progress_bar",
-        "trainer.enable_progress_bar=false", "logger=none", f"paths.output_dir={out_dir}",
+        f"trainer.limit_test_batches={steps}", "trainer.enable_checkpointing=false", "~callbacks.model_checkpoint",
+        "~callbacks.last_checkpoint", "~callbacks.progress_bar", "trainer.enable_progress_bar=false", "logger=none",
+        f"paths.output_dir={out_dir}",
     ]
 
 
 def smoke_one(name: str, steps: int = 2) -> dict:
     """Trains ``name`` for ``steps`` batches; returns its final metrics (raises on failure)."""
-    from cvlab.models import model_task
-    from cvlab.run.train import run_train
-    from cvlab.utils.config import compose
-
     task = model_task(name)
     with tempfile.TemporaryDirectory(prefix=f"cvlab-smoke-{name}-") as out_dir:
         cfg = compose("train", smoke_overrides(name, task, steps, out_dir))
@@ -41,8 +40,6 @@ def smoke_one(name: str, steps: int = 2) -> dict:
 
 def run_smoke(models: list[str] | None = None, steps: int = 2) -> list[str]:
     from rich.table import Table
-
-    from cvlab.models import list_models, model_task
 
     names = models or list_models()
     for noisy in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):

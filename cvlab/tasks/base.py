@@ -1,19 +1,64 @@
-"""What every task module shares: building the model from its config and the norm/activation/attention/init groups,
-the optimizer and scheduler from theirs, and a checkpoint that restores the whole task on its own."""
+"""What every task shares: it builds itself from the config and the datamodule (:meth:`BaseTask.from_config`),
+declares the config groups it reads, builds its model from the model/norm/activation/attention/init groups and its
+optimizers from theirs, and saves checkpoints that restore the whole task on their own.
+
+Tasks are registered by name (``@register_task("detection")``); a checkpoint names its task by that name, so
+restoring one never imports a module the file names.
+"""
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
+from cvlab.data.base import DataInfo
+from cvlab.utils.errors import UserError, suggest
 from cvlab.utils.schedules import PLAN_KEYS
 
 # Keys of a model config that describe it rather than parameterise its constructor.
 MODEL_META_KEYS = ("name", "task", "multiscale")
+
+_TASKS: dict[str, type["BaseTask"]] = {}
+
+
+def register_task(name: str):
+    """Class decorator: registers a task under ``name`` (the ``task=`` option and the checkpoint's ``cvlab_task``)."""
+
+    def wrap(cls: type["BaseTask"]) -> type["BaseTask"]:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def task_names() -> list[str]:
+    import cvlab.tasks  # noqa: F401  (importing the package registers every task module)
+
+    return sorted(_TASKS)
+
+
+def task_class(name: str) -> type["BaseTask"]:
+    """The registered task ``name``; a UserError with the close names otherwise."""
+    names = task_names()
+    if name not in _TASKS:
+        raise UserError(f"unknown task {name!r}.{suggest(name, names)} Tasks: {', '.join(names)}.")
+    return _TASKS[name]
+
+
+def to_plain(cfg) -> Any:
+    """A config node as plain python (dicts, lists, scalars), resolved; None stays None."""
+    if cfg is None or not OmegaConf.is_config(cfg):
+        return cfg
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def build_model(model: dict, norm: dict, activation: dict, attention: dict, init: dict, **data_kwargs) -> nn.Module:
@@ -41,7 +86,19 @@ def build_model(model: dict, norm: dict, activation: dict, attention: dict, init
 
 
 class BaseTask(pl.LightningModule):
-    """Holds the group configs (plain dicts) as hyper-parameters, so ``load_from_checkpoint(path)`` alone rebuilds it."""
+    """Holds the group configs (plain dicts) as hyper-parameters, so a checkpoint alone rebuilds it.
+
+    Subclasses set ``groups`` (the config groups they read) and ``optimizer_groups`` (one optimizer per group; a GAN
+    reads two), and override :meth:`resolve` for settings that depend on the data, :meth:`report` for their tables
+    and plots, and :meth:`predict_images` for ``cvlab predict``.
+    """
+
+    name: ClassVar[str] = ""
+    # The registered task of the models this task trains ("" = its own name; distillation trains classifiers).
+    model_task: ClassVar[str] = ""
+    groups: ClassVar[tuple[str, ...]] = ("model", "optimizer", "scheduler", "loss", "norm", "activation", "attention",
+                                         "init", "data")
+    optimizer_groups: ClassVar[tuple[str, ...]] = ("optimizer",)
 
     def __init__(
         self,
@@ -58,8 +115,52 @@ class BaseTask(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if data_info is None:
+            raise ValueError("a task needs the data's DataInfo (data_info=DataInfo.as_dict()); build it with "
+                             "Task.from_config(cfg, datamodule)")
+        self.data_info = DataInfo.from_dict(data_info)
 
-    def build_model(self, **data_kwargs) -> nn.Module:
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg, datamodule) -> "BaseTask":
+        """The task of ``cfg`` for ``datamodule`` (set up): reads ``cls.groups``, checks that the model and loss
+        belong to this task, resolves data-dependent settings (:meth:`resolve`)."""
+        configs = {group: to_plain(cfg.get(group)) for group in cls.groups}
+        cls.check_model(configs["model"]["name"])
+        cls.check_plugin("loss", configs.get("loss"))
+        if configs.get("data") is not None:
+            # The seed cuts the splits: a checkpoint re-creates the same test split from its own data config.
+            configs["data"] = {**configs["data"], "seed": int(cfg.seed)}
+        configs = cls.resolve(configs, datamodule, int(cfg.seed))
+        return cls(data_info=datamodule.info.as_dict(), **configs)
+
+    @classmethod
+    def models(cls) -> list[str]:
+        from cvlab.models import list_models
+
+        return list_models(task=cls.model_task or cls.name)
+
+    @classmethod
+    def check_model(cls, name: str) -> None:
+        from cvlab.models import model_task
+
+        if model_task(name) != (cls.model_task or cls.name):
+            raise UserError(f"model {name!r} is a {model_task(name)} model; task={cls.name} takes one of "
+                            f"{', '.join(cls.models())}.")
+
+    @classmethod
+    def check_plugin(cls, group: str, cfg: dict | None) -> None:
+        """A loss/sampler option that names its task (``task:`` in its yaml) must name this one."""
+        if cfg and cfg.get("task") and cfg["task"] != (cls.model_task or cls.name):
+            raise UserError(f"{group}={cfg.get('name', cfg.get('_target_'))} is a {cfg['task']} {group}; "
+                            f"task={cls.name} cannot use it (`cvlab list {group}` shows the options).")
+
+    @classmethod
+    def resolve(cls, configs: dict, datamodule, seed: int) -> dict:
+        """Settings that depend on the data, made concrete before the task is built (stored so in checkpoints)."""
+        return configs
+
+    def build_model(self, **kwargs) -> nn.Module:
         hp = self.hparams
         return build_model(
             hp.model,
@@ -67,13 +168,21 @@ class BaseTask(pl.LightningModule):
             hp.activation or {"name": "default"},
             hp.attention or {"name": "none"},
             hp.init or {"name": "default"},
-            **data_kwargs,
+            **kwargs,
         )
+
+    def build_plugin(self, cfg: dict | None, **available):
+        """A loss config instantiated with what it asks of the data (``num_classes``, ``class_counts``, ...);
+        None for the default."""
+        from cvlab.utils.plugins import instantiate_plugin
+
+        return instantiate_plugin(cfg, **available)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.hparams.data_info["class_names"])
+        return list(self.data_info.class_names)
 
+    # ------------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
         plan = self.hparams.scheduler or {}
@@ -88,8 +197,24 @@ class BaseTask(pl.LightningModule):
             "lr_scheduler": {"scheduler": make_scheduler(optimizer), "interval": plan.get("interval", "epoch")},
         }
 
+    # ------------------------------------------------------------------------------------------ reporting
+    def report(self, out: Path) -> dict:
+        """Writes the task's plots into ``out`` and prints its tables after the final evaluation; returns the
+        per-class figures to store beside the metrics (json-ready)."""
+        from cvlab.utils.plots import plot_curves
+
+        plot_curves(out / "results.csv", out / "curves.png")
+        return {}
+
+    def predict_images(self, paths: list[Path], names: list[Path], out: Path, settings: dict,
+                       device: torch.device) -> tuple[list[dict], dict[str, int], str, str]:
+        """``cvlab predict``: writes a drawn copy of each image at ``out / name`` and returns (json records, count
+        per class, what the counts count, the table's title)."""
+        raise UserError(f"cvlab predict does not support {self.name} checkpoints yet.")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["cvlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["cvlab_task"] = self.name
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resume may raise trainer.max_epochs: keep the freshly planned schedule length, restore only progress.
@@ -99,9 +224,9 @@ class BaseTask(pl.LightningModule):
 
 
 def load_task(path: str, map_location: str | torch.device = "cpu") -> BaseTask:
-    """Restores any cvlab task from its checkpoint alone (the checkpoint names its own class)."""
-    from hydra.utils import get_class
-
+    """Restores any cvlab task from its checkpoint alone (the checkpoint names its registered task)."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    task_class = get_class(checkpoint["cvlab_task"])
-    return task_class.load_from_checkpoint(path, map_location=map_location)
+    name = checkpoint["cvlab_task"]
+    # Checkpoints written before tasks were registered by name hold "cvlab.tasks.<module>.<Class>".
+    legacy = {f"{cls.__module__}.{cls.__qualname__}": cls.name for cls in map(task_class, task_names())}
+    return task_class(legacy.get(name, name)).load_from_checkpoint(path, map_location=map_location)

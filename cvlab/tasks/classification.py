@@ -1,28 +1,38 @@
-"""Image classification: logits Tensor[N, C] against integer labels; accuracy, macro-F1 and a confusion matrix."""
+"""Image classification: logits Tensor[N, C] against integer labels; accuracy, macro-F1 and a confusion matrix on
+the validation split (checkpoint selection) and the test split (the reported figures)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from hydra.utils import instantiate
+from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from cvlab.tasks.base import BaseTask
+from cvlab.tasks.base import BaseTask, register_task
+from cvlab.utils.errors import UserError
+
+# Predicted copies are enlarged to at least this short side so the label is readable (8x8 digits...).
+_MIN_DRAWN_SIDE = 160
 
 
+@register_task("classification")
 class ClassificationTask(BaseTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        info = self.hparams.data_info
-        num_classes = info["num_classes"]
-        self.model = self.build_model(num_classes=num_classes, in_chans=info["in_chans"], img_size=info["image_size"])
-        self.criterion = instantiate(self.hparams.loss or {"_target_": "torch.nn.CrossEntropyLoss"})
+        info = self.data_info
+        num_classes = info.num_classes
+        self.model = self.build_model(num_classes=num_classes, in_chans=info.in_chans, image_size=info.image_size)
+        self.criterion = self.build_plugin(self.hparams.loss, num_classes=num_classes,
+                                           class_counts=list(info.class_counts)) or nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = MetricCollection({
+        # One set of evaluation metrics serves the val and the test pass (they never run at once).
+        self.eval_metrics = MetricCollection({
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
-        }, prefix="val/")
+        })
         self.confusion = MulticlassConfusionMatrix(num_classes)
-        self.val_loss = MeanMetric()  # one log call per epoch instead of one per batch (Lightning's log is not free)
+        self.eval_loss = MeanMetric()  # one log call per epoch instead of one per batch (Lightning's log is not free)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -36,18 +46,103 @@ class ClassificationTask(BaseTask):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    # ------------------------------------------------------------------------------------------ val and test
+    def _evaluate_batch(self, batch) -> None:
         images, labels = batch
         logits = self(images)
-        self.val_loss.update(self.criterion(logits, labels), weight=len(labels))
-        self.val_metrics.update(logits, labels)
+        self.eval_loss.update(self.criterion(logits, labels), weight=len(labels))
+        self.eval_metrics.update(logits, labels)
         self.confusion.update(logits, labels)
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/loss": self.val_loss.compute(), **self.val_metrics.compute()}, prog_bar=True)
-        self.val_metrics.reset()
-        self.val_loss.reset()
+    def _log_evaluation(self, split: str) -> None:
+        scores = {"loss": self.eval_loss.compute(), **self.eval_metrics.compute()}
+        self.log_dict({f"{split}/{key}": value for key, value in scores.items()}, prog_bar=split == "val")
+        self.eval_metrics.reset()
+        self.eval_loss.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch)
 
     def on_validation_epoch_start(self) -> None:
-        # The matrix always describes the latest validation pass.
+        # The matrix always describes the latest evaluation pass.
         self.confusion.reset()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def report(self, out: Path) -> dict:
+        from cvlab.utils.plots import plot_confusion_matrix
+
+        super().report(out)
+        if self.confusion.update_count:
+            plot_confusion_matrix(self.confusion.compute().cpu().numpy(), self.class_names,
+                                  out / "confusion_matrix.png")
+        return {}
+
+    # ------------------------------------------------------------------------------------------ predict
+    def predict_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
+        """Class probabilities Tensor[N, C] of a batch of preprocessed images."""
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(-1)
+
+    def _eval_transform(self):
+        """The checkpoint's evaluation preprocessing, rebuilt from its data config."""
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        data_cfg = self.hparams.data or {}
+        try:
+            datamodule = instantiate(OmegaConf.create(data_cfg))
+            datamodule.setup()
+        except (UserError, OSError, RuntimeError) as error:
+            raise UserError(f"cannot rebuild the preprocessing of data {data_cfg.get('name')!r} the checkpoint was "
+                            f"trained on ({error}); it is needed to prepare the images") from None
+        return datamodule.val_set.transform
+
+    def predict_images(self, paths, names, out, settings, device):
+        """Top-k classes per image (``settings["top_k"]``) and a labelled copy of each."""
+        from collections import Counter
+
+        from cvlab.utils.images import open_image
+
+        class_names = self.class_names
+        mode = "L" if self.data_info.in_chans == 1 else "RGB"
+        transform = self._eval_transform()
+        self.to(device).eval()
+        k = min(int(settings["top_k"]), len(class_names))
+        results = []
+        for path, name in zip(paths, names):
+            image = open_image(path, mode)
+            with torch.inference_mode():
+                probabilities = self.predict_step(transform(image)[None].to(device))[0].cpu()
+            best = probabilities.topk(k)
+            ranked = [{"label": int(label), "class": class_names[label], "probability": round(float(p), 5)}
+                      for p, label in zip(best.values, best.indices)]
+            results.append({"image_id": settings["image_ids"][path],
+                            "file_name": str(path.relative_to(settings["root"])), "top_k": ranked})
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            _labelled_copy(image, f"{ranked[0]['class']} {ranked[0]['probability']:.2f}").save(out / name)
+        counts = Counter(r["top_k"][0]["class"] for r in results)
+        return results, counts, "images", f"best class of {len(paths)} image(s)"
+
+
+def _labelled_copy(image, text: str):
+    import PIL.Image
+    from PIL import ImageDraw
+
+    image = image.convert("RGB")
+    factor = max(1, -(-_MIN_DRAWN_SIDE // min(image.size)))
+    image = image.resize((image.width * factor, image.height * factor), PIL.Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.textbbox((2, 2), text)
+    draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.text((2, 2), text, fill=(255, 255, 255))
+    return image

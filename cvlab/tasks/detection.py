@@ -1,34 +1,58 @@
 """Object detection: a detector returns ``loss_*`` terms in training and per-image boxes in evaluation; validation
-computes COCO mAP (torchmetrics, pycocotools-exact), per-class AP and precision-recall curves.
+(checkpoint selection) and test (the reported figures) compute COCO mAP (torchmetrics, pycocotools-exact), per-class
+AP and precision-recall curves.
 
 Multi-scale training (YOLOv2) is done here, not in the model: every ``every`` batches the batch is resized to a new
 square size from ``min``..``max`` in steps of ``step`` (boxes scaled with it), seeded by the global step so resumes
 replay it. The sizes are the paper's for a ``base`` (416 px) input and scale with the configured input size.
+
+Settings that depend on the data are resolved here before the model is built: ``model.anchors=auto`` becomes the
+k-means anchors of the training boxes (:mod:`cvlab.tasks.anchors`), stored as such in the checkpoint.
 """
 from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from cvlab.metrics.detection import DetectionMeanAP
-from cvlab.tasks.base import BaseTask
+from cvlab.tasks.base import BaseTask, register_task
+
+# Box colours by class index (cycled), chosen to stay apart on photos and on the grey letterbox.
+_PALETTE = [(255, 56, 56), (44, 153, 168), (255, 157, 151), (72, 249, 10), (146, 204, 23), (61, 219, 134),
+            (255, 178, 29), (26, 147, 52), (0, 212, 187), (207, 210, 49), (132, 56, 255), (255, 55, 199)]
 
 
+@register_task("detection")
 class DetectionTask(BaseTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        info = self.hparams.data_info
-        self.model = self.build_model(num_classes=info["num_classes"], img_size=info["image_size"])
-        self.map_metric = DetectionMeanAP(info["class_names"])
+        info = self.data_info
+        loss = self.build_plugin(self.hparams.loss, num_classes=info.num_classes, class_counts=list(info.class_counts))
+        self.model = self.build_model(num_classes=info.num_classes, image_size=info.image_size,
+                                      **({"loss": loss} if loss is not None else {}))
+        self.map_metric = DetectionMeanAP(self.class_names)
         self.multiscale = self.hparams.model.get("multiscale")
-        self.report: dict = {}
+        self.per_class: dict = {}
+
+    @classmethod
+    def resolve(cls, configs: dict, datamodule, seed: int) -> dict:
+        if configs["model"].get("anchors") == "auto":
+            from cvlab.tasks.anchors import auto_anchors
+
+            configs["model"] = {**configs["model"],
+                                "anchors": auto_anchors(configs["model"], datamodule.train_set, datamodule.info, seed)}
+        return configs
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
         return self.model(images, targets)
 
     def _rescale(self, images: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, list[dict]]:
         plan = self.multiscale
-        ratio = self.hparams.data_info["image_size"] / plan.get("base", 416)
+        ratio = self.data_info.image_size / plan.get("base", 416)
         step = plan["step"]
         low, high = (max(step, round(plan[k] * ratio / step) * step) for k in ("min", "max"))
         window = self.global_step // plan["every"]
@@ -50,14 +74,112 @@ class DetectionTask(BaseTask):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
         return total
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    # ------------------------------------------------------------------------------------------ val and test
+    def _evaluate_batch(self, batch) -> None:
         images, targets = batch
         detections = self(images)
         self.map_metric.update(detections, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_evaluation(self, split: str) -> None:
         scores = self.map_metric.compute()
-        self.report = {"ap50_per_class": scores["ap50_per_class"], "ap_per_class": scores["ap_per_class"],
-                       "pr_curves": self.map_metric.pr_curves(0.5)}
-        self.log_dict({f"val/{key}": scores[key] for key in ("map", "map_50", "map_75", "mar_100")}, prog_bar=True)
+        self.per_class = {"ap50_per_class": scores["ap50_per_class"], "ap_per_class": scores["ap_per_class"],
+                          "pr_curves": self.map_metric.pr_curves(0.5)}
+        self.log_dict({f"{split}/{key}": scores[key] for key in ("map", "map_50", "map_75", "mar_100")},
+                      prog_bar=split == "val")
         self.map_metric.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def report(self, out: Path) -> dict:
+        """PR curves and the per-class AP table of the last evaluation pass; the per-class APs go to the json."""
+        from cvlab.utils.console import class_ap_table, console
+        from cvlab.utils.plots import plot_pr_curves
+
+        super().report(out)
+        if not self.per_class:
+            return {}
+        if self.per_class["pr_curves"]:
+            plot_pr_curves(self.per_class["pr_curves"], out / "pr_curves.png")
+        console.print(class_ap_table(self.per_class["ap50_per_class"], self.per_class["ap_per_class"]))
+        return {key: self.per_class[key] for key in ("ap50_per_class", "ap_per_class")}
+
+    # ------------------------------------------------------------------------------------------ predict
+    def predict_step(self, batch, batch_idx: int = 0) -> list[dict]:
+        """Detections (``dict(boxes, scores, labels)`` per image) of a batch of letterboxed images."""
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images)
+
+    def _coco_ids(self) -> tuple[list[int] | None, dict[str, int]]:
+        """(category id of each class, image id of each file name) from the validation json of a COCO-folder
+        checkpoint; (None, {}) when the data was not COCO or its json is gone or names other classes."""
+        data_cfg = self.hparams.data or {}
+        if data_cfg.get("source") != "coco" or not data_cfg.get("root"):
+            return None, {}
+        split = data_cfg.get("val_split") or "val2017"
+        ann_file = Path(data_cfg["root"]).expanduser() / "annotations" / f"instances_{split}.json"
+        try:
+            data = json.loads(ann_file.read_text())
+            categories = sorted(data["categories"], key=lambda c: c["id"])  # CocoDataset's label order
+            image_ids = {Path(image["file_name"]).name: int(image["id"]) for image in data["images"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, {}
+        if [c["name"] for c in categories] != self.class_names:
+            return None, {}
+        return [int(c["id"]) for c in categories], image_ids
+
+    def predict_images(self, paths, names, out, settings, device):
+        """Draws every image's detections scoring above ``settings["conf"]``; returns them in the COCO results
+        format (``bbox`` [x, y, w, h] in original pixels) and the number of boxes per class name.
+
+        Each image is letterboxed to the model's input size (as in validation) and the boxes are mapped back to the
+        original pixels. For a model trained on a COCO folder whose validation json is still readable,
+        ``category_id`` is the json's category id and ``image_id`` the json's id of a listed file name."""
+        from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil_image
+        from torchvision.utils import draw_bounding_boxes
+
+        from cvlab.data.detection import Letterbox, unletterbox_boxes
+        from cvlab.utils.images import open_image
+
+        conf = float(settings["conf"])
+        size, class_names = self.data_info.image_size, self.class_names
+        category_ids, known_ids = self._coco_ids()
+        self.to(device).eval()
+        if hasattr(self.model, "postprocess"):  # thresholding before NMS is faster; the filter below is the rule
+            self.model.postprocess.conf_thresh = conf
+        letterbox = Letterbox(size)
+        results, counts = [], Counter()
+        for path, name in zip(paths, names):
+            pixels = pil_to_tensor(open_image(path, "RGB"))
+            height, width = pixels.shape[-2:]
+            batch = to_dtype(letterbox(pixels), torch.float32, scale=True)[None].to(device)
+            with torch.inference_mode():
+                detections = self.predict_step(batch)[0]
+            keep = detections["scores"] > conf
+            boxes = unletterbox_boxes(detections["boxes"][keep].float().cpu(), height, width, size)
+            scores, labels = detections["scores"][keep].cpu(), detections["labels"][keep].cpu()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).round(decimals=2)
+            inside = (xywh[:, 2:] > 0).all(1)  # a box wholly in the letterbox padding has no pixels of the image
+            boxes, xywh, scores, labels = boxes[inside], xywh[inside], scores[inside], labels[inside]
+            image_id = known_ids.get(path.name, settings["image_ids"][path])
+            counts.update(class_names[k] for k in labels)
+            for bbox, score, label in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
+                results.append({"image_id": image_id, "category_id": category_ids[label] if category_ids else label,
+                                "bbox": [round(v, 2) for v in bbox], "score": round(score, 5)})
+            if len(boxes):
+                pixels = draw_bounding_boxes(pixels, boxes,
+                                             [f"{class_names[k]} {s:.2f}" for k, s in zip(labels, scores)],
+                                             colors=[_PALETTE[int(k) % len(_PALETTE)] for k in labels],
+                                             width=max(1, min(height, width) // 200))
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            to_pil_image(pixels).save(out / name)
+        return results, counts, "boxes", f"boxes scoring above {conf} in {len(paths)} image(s)"

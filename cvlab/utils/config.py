@@ -13,6 +13,14 @@ from omegaconf import OmegaConf
 from cvlab.utils.errors import UserError, suggest
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The evaluation splits of every dataset (the third, train, is only trained on).
+EVAL_SPLITS = ("val", "test")
+
+
+def check_split(split: str) -> str:
+    if split not in EVAL_SPLITS:
+        raise UserError(f"split is one of {', '.join(EVAL_SPLITS)}, got {split!r}.{suggest(split, EVAL_SPLITS)}")
+    return split
 
 
 def _run_dir_of(ckpt: str) -> str:
@@ -122,7 +130,9 @@ def check_overrides(config_name: str, overrides: list[str]):
                     raise UserError(f"unknown {key} option {str(value)!r}.{suggest(str(value), options(key))} "
                                     f"`cvlab list {key}` shows all {len(options(key))}.")
     try:
-        base = compose(config_name, [o for o in _first_values(parsed) if "=" in o and o.split("=")[0].lstrip("+~").split("@")[0] in group_names])
+        group_choices = [o for o in _first_values(parsed)
+                         if "=" in o and o.split("=")[0].lstrip("+~").split("@")[0] in group_names]
+        base = compose(config_name, group_choices)
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(_first_line(error)) from None
     for override in parsed:

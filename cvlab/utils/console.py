@@ -41,6 +41,24 @@ def metrics_table(metrics: dict, title: str = "results", columns: tuple[str, str
     return table
 
 
+def split_metrics_table(metrics: dict, title: str = "results", splits: tuple[str, ...] = ("val", "test")) -> Table:
+    """The metrics of each split side by side (``val/acc`` and ``test/acc`` on one row); the other entries (epochs,
+    time, parameters, ...) go in the caption."""
+    names = list(dict.fromkeys(key.partition("/")[2] for key in metrics if key.partition("/")[0] in splits))
+    present = [split for split in splits if any(f"{split}/{name}" in metrics for name in names)]
+    table = Table(title=title, title_justify="left", caption_justify="left", min_width=len(title) + 4)
+    table.add_column("metric")
+    for split in present:
+        table.add_column(split, justify="right")
+    for name in names:
+        values = (metrics.get(f"{split}/{name}") for split in present)
+        table.add_row(name, *(f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v) for v in values))
+    others = {key: value for key, value in metrics.items() if key.partition("/")[0] not in splits or "/" not in key}
+    table.caption = "  ".join(f"{key} {f'{value:,}' if isinstance(value, int) else value}"
+                              for key, value in others.items())
+    return table
+
+
 def class_ap_table(ap50_per_class: dict[str, float], ap_per_class: dict[str, float]) -> Table:
     """Detection's per-class table: AP@0.5 and AP@[.5:.95] for every class with ground truth."""
     table = Table(title="AP per class", title_justify="left")

@@ -16,7 +16,8 @@ def _pyplot():
     return plt
 
 
-def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, title: str = "confusion matrix") -> None:
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path,
+                          title: str = "confusion matrix") -> None:
     """Rows are true classes, columns predictions; cells show counts, colour shows the row-normalised rate."""
     plt = _pyplot()
     n = len(class_names)

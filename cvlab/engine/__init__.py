@@ -1,0 +1,31 @@
+"""The engine: what every command is built from. The ``cvlab/run/<command>.py`` files import only this package
+(and cvlab.utils): builders (datamodule, task, trainer), training and evaluation runs, checkpoint restoring, model
+profiling, the stage runner, and run-directory bookkeeping."""
+from cvlab.engine.builders import (
+    build_datamodule,
+    build_task,
+    build_trainer,
+    checkpoint_datamodule,
+    instantiate_dict,
+    quiet_trainer,
+)
+from cvlab.engine.checkpoints import restore_task
+from cvlab.engine.profiling import LATENCY_THREADS, LATENCY_WARMUP, cpu_profile, describe_model
+from cvlab.engine.runs import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
+from cvlab.engine.stages import Column, Stage, StageContext, StageResult, run_stages
+from cvlab.engine.training import evaluate, evaluate_checkpoint, finish_run, run_train
+from cvlab.models import list_models, model_task
+from cvlab.tasks import (
+    anchors,  # the anchor tools `cvlab anchors` prints
+    distillation,  # the distillation pieces `cvlab distill` assembles into stages
+)
+from cvlab.tasks.base import to_plain
+from cvlab.utils.config import EVAL_SPLITS as SPLITS
+
+__all__ = [
+    "LATENCY_THREADS", "LATENCY_WARMUP", "SPLITS", "Column", "Stage", "StageContext", "StageResult", "anchors",
+    "build_datamodule", "build_task", "build_trainer", "checkpoint_datamodule", "cpu_profile", "describe_model",
+    "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "instantiate_dict", "list_models", "model_task",
+    "output_dir", "quiet_lightning", "quiet_trainer", "restore_task", "run_guarded", "run_stages", "run_train",
+    "say_run_dir", "to_plain", "write_json",
+]

@@ -1,0 +1,69 @@
+"""Training and evaluation runs: fit, choose the best checkpoint on the validation split, report it on the test
+split; evaluate a checkpoint on one split; write the run's json, plots and tables."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cvlab.engine.builders import build_datamodule, build_task, build_trainer, quiet_trainer
+from cvlab.engine.runs import output_dir, quiet_lightning, say_run_dir, write_json
+from cvlab.utils.console import config_tree, console, split_metrics_table
+from cvlab.utils.errors import missing_checkpoint
+
+
+def _floats(scores: dict) -> dict:
+    return {key: float(value) for key, value in scores.items()}
+
+
+def evaluate(trainer, task, datamodule, split: str, ckpt_path: str | None = None) -> dict:
+    """One pass of ``task`` over ``split`` (val or test) of ``datamodule``: {"<split>/<metric>": float}."""
+    run = trainer.validate if split == "val" else trainer.test
+    return _floats(run(task, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0])
+
+
+def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
+    """Trains per ``cfg``; the best checkpoint on val is then scored on val and test. Returns (final metrics,
+    {"task", "datamodule", "trainer"}); the task holds the best checkpoint's weights."""
+    import pytorch_lightning as pl
+
+    quiet_lightning()
+    out = output_dir(cfg)
+    say_run_dir(out, "start")
+    if cfg.resume and not Path(str(cfg.resume)).expanduser().is_file():
+        raise missing_checkpoint("resume checkpoint", cfg.resume, "last.ckpt")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    console.print(config_tree(cfg))
+    task = build_task(cfg, datamodule)
+    trainer = build_trainer(cfg, extra_callbacks)
+
+    started = time.perf_counter()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=str(Path(str(cfg.resume)).expanduser()) if cfg.resume else None)
+    train_time = time.perf_counter() - started
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    metrics = evaluate(trainer, task, datamodule, "val", ckpt_path=best or None)
+    metrics.update(evaluate(trainer, task, datamodule, "test"))  # the weights validate() just loaded
+    metrics.update(epochs=trainer.current_epoch, train_time_s=round(train_time, 2),
+                   params=sum(p.numel() for p in task.model.parameters()))
+    if trainer.is_global_zero:
+        finish_run(task, out, "metrics.json", metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint "
+                   "on val)", extra={"best_ckpt": best})
+    return metrics, {"task": task, "datamodule": datamodule, "trainer": trainer}
+
+
+def evaluate_checkpoint(task, datamodule, trainer_cfg: DictConfig, out: Path, split: str) -> dict:
+    """One quiet pass of a restored ``task`` over ``split`` of ``datamodule``."""
+    return evaluate(quiet_trainer(trainer_cfg, out), task, datamodule, split)
+
+
+def finish_run(task, out: Path, json_name: str, metrics: dict, title: str, extra: dict | None = None) -> None:
+    """The end of a train or eval run: the task's report (plots, its tables, per-class figures), ``json_name``
+    (the metrics, ``extra`` and the per-class figures), the metrics table and the run directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    per_class = task.report(out)
+    write_json(out / json_name, {**metrics, **(extra or {}), **per_class})
+    console.print(split_metrics_table(metrics, title=title))
+    say_run_dir(out, "end")
