@@ -35,6 +35,7 @@ from cvlab.engine import (
     cpu_profile,
     distillation,
     evaluate_checkpoint,
+    list_models,
     output_dir,
     quiet_lightning,
     restore_task,
@@ -45,6 +46,7 @@ from cvlab.engine import (
     to_plain,
     write_json,
 )
+from cvlab.engine.checkpoints import read_checkpoint
 from cvlab.utils.console import console
 from cvlab.utils.errors import UserError
 
@@ -63,14 +65,14 @@ PROFILE_KEYS = ("params", "flops", "cpu_latency_ms")
 
 @functools.lru_cache(maxsize=8)
 def _checkpoint_model_name(path: str) -> str | None:
-    """The architecture a cvlab checkpoint holds (None when the file is missing or not a cvlab checkpoint)."""
-    import torch
-
+    """The registered architecture a cvlab checkpoint holds (None when the file is missing, not a cvlab checkpoint
+    or names no registered model: it becomes part of the run directory's name)."""
     try:
-        checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", mmap=True, weights_only=False)
-        return str(checkpoint["hyper_parameters"]["model"]["name"])
-    except Exception:  # any unreadable file: run_distill reports it properly, this only names the run directory
+        checkpoint = read_checkpoint(Path(path).expanduser(), mmap=True)  # read safely; the tensors stay on disk
+        name = checkpoint["hyper_parameters"]["model"]["name"]
+    except (UserError, KeyError, TypeError):  # run_distill reports an unreadable file; this only names the run
         return None
+    return name if name in list_models() else None
 
 
 def distill_pair(teacher: str, student: str, teacher_ckpt: str | None, kind: str) -> str:

@@ -3,7 +3,9 @@ declares the config groups it reads, builds its model from the model/norm/activa
 optimizers from theirs, and saves checkpoints that restore the whole task on their own.
 
 Tasks are registered by name (``@register_task("detection")``); a checkpoint names its task by that name, so
-restoring one never imports a module the file names.
+restoring one never imports a module the file names. :func:`load_task` reads a checkpoint without running anything
+in it and refuses stored configs that name anything but cvlab's, torch.optim's or torch's loss classes
+(:mod:`cvlab.utils.safety`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from cvlab.data.base import DataInfo
 from cvlab.utils.errors import UserError, suggest
+from cvlab.utils.safety import CheckpointError, RefusedCheckpoint, check_config, read_checkpoint
 from cvlab.utils.schedules import PLAN_KEYS
 
 # Keys of a model config that describe it rather than parameterise its constructor.
@@ -187,15 +190,29 @@ class BaseTask(pl.LightningModule):
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
         plan = self.hparams.scheduler or {}
         if not plan.get("scheduler"):
+            self._warn_about_training(optimizer)
             return optimizer
         make_scheduler = instantiate(plan["scheduler"])
         wanted = inspect.signature(make_scheduler.func).parameters
         if "total_steps" in wanted and make_scheduler.keywords.get("total_steps") is None:
             make_scheduler.keywords["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = make_scheduler(optimizer)  # sets each group's initial_lr, which the model's warnings read
+        self._warn_about_training(optimizer)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": make_scheduler(optimizer), "interval": plan.get("interval", "epoch")},
+            "lr_scheduler": {"scheduler": scheduler, "interval": plan.get("interval", "epoch")},
         }
+
+    def _warn_about_training(self, optimizer: torch.optim.Optimizer) -> None:
+        """Prints the model's own warnings about this optimiser (a model may know settings that train it poorly,
+        e.g. ViT above its recipes' Adam rate), once, on the main process."""
+        model_warnings = getattr(self.model, "training_warnings", None)
+        if model_warnings is None or not self.trainer.is_global_zero:
+            return
+        from cvlab.utils.console import print_warning
+
+        for line in model_warnings(optimizer):
+            print_warning(line)
 
     # ------------------------------------------------------------------------------------------ reporting
     def report(self, out: Path) -> dict:
@@ -213,20 +230,91 @@ class BaseTask(pl.LightningModule):
         raise UserError(f"cvlab predict does not support {self.name} checkpoints yet.")
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def hyper_parameter_names(cls) -> set[str]:
+        """The names a checkpoint's hyper-parameters may hold: the named arguments of every ``__init__`` from this
+        class up to BaseTask (subclasses pass theirs on with ``*args, **kwargs``)."""
+        names = set()
+        for klass in cls.__mro__:
+            if issubclass(klass, BaseTask) and "__init__" in vars(klass):
+                names |= {p.name for p in inspect.signature(klass.__init__).parameters.values()
+                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        return names
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cvlab_task"] = self.name
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning's own reads (a resume, validate(ckpt_path=...)) end here too: a checkpoint of another task is one
+        # line, not a state_dict mismatch.
+        if "cvlab_task" in checkpoint and registered_task_name(checkpoint["cvlab_task"]) != self.name:
+            path = getattr(self._trainer, "ckpt_path", None)
+            raise UserError(f"checkpoint {str(path)!r} holds a {checkpoint['cvlab_task']!r} task; this run's task "
+                            f"is {self.name}.")
         # A resume may raise trainer.max_epochs: keep the freshly planned schedule length, restore only progress.
         for state in checkpoint.get("lr_schedulers", []):
             for key in PLAN_KEYS:
                 state.pop(key, None)
 
 
-def load_task(path: str, map_location: str | torch.device = "cpu") -> BaseTask:
-    """Restores any cvlab task from its checkpoint alone (the checkpoint names its registered task)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    name = checkpoint["cvlab_task"]
-    # Checkpoints written before tasks were registered by name hold "cvlab.tasks.<module>.<Class>".
-    legacy = {f"{cls.__module__}.{cls.__qualname__}": cls.name for cls in map(task_class, task_names())}
-    return task_class(legacy.get(name, name)).load_from_checkpoint(path, map_location=map_location)
+def registered_task_name(stored: Any) -> str | None:
+    """The registered task that a checkpoint's ``cvlab_task`` names, or None; nothing is imported by that name.
+
+    Checkpoints written before tasks were registered by name hold "cvlab.tasks.<module>.<Class>": such a name counts
+    only as the exact qualified name of a registered class."""
+    if not isinstance(stored, str):
+        return None
+    if stored in task_names():
+        return stored
+    return {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in _TASKS.items()}.get(stored)
+
+
+def checked_task_class(checkpoint: dict) -> type[BaseTask]:
+    """The task class that ``checkpoint`` (read by :func:`cvlab.utils.safety.read_checkpoint`) restores, once
+    everything the task would be built from has been checked: its ``cvlab_task`` is a registered task, its
+    hyper-parameters are that task's arguments, every stored config is data whose targets are on the allowlist
+    (:func:`cvlab.utils.safety.check_config`), and its model and loss belong to the task.
+
+    Raises a :class:`~cvlab.utils.safety.CheckpointError` (a RefusedCheckpoint for what cvlab refuses to build)."""
+    stored = checkpoint.get("cvlab_task")
+    if stored is None:
+        raise CheckpointError("it names no cvlab task (no cvlab_task entry: it was not written by a cvlab run).")
+    name = registered_task_name(stored)
+    if name is None:
+        raise RefusedCheckpoint(f"it names the task {stored!r}, which is no registered task ({', '.join(task_names())}"
+                                "); nothing was imported.")
+    cls = _TASKS[name]
+    hparams = checkpoint["hyper_parameters"]
+    unknown = sorted(map(str, set(hparams) - cls.hyper_parameter_names()))
+    if unknown:
+        raise RefusedCheckpoint(f"its hyper-parameters hold {', '.join(unknown)}, which a {name} task does not take.")
+    for group, cfg in hparams.items():
+        if group == "data_info":  # the data's description, read by DataInfo.from_dict, never instantiated
+            continue
+        if cfg is not None and not isinstance(cfg, dict):
+            raise CheckpointError(f"its {group} config is a {type(cfg).__name__}, not a config.")
+        check_config(cfg, group)
+    model = hparams.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise CheckpointError("its hyper-parameters name no model.")
+    try:
+        cls.check_model(model["name"])
+        cls.check_plugin("loss", hparams.get("loss"))
+    except UserError as error:
+        raise RefusedCheckpoint(str(error).rstrip(".") + ".") from None
+    return cls
+
+
+def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> BaseTask:
+    """Restores any cvlab task from its checkpoint alone (the checkpoint names its registered task).
+
+    The file is read once, without running anything in it (:func:`cvlab.utils.safety.read_checkpoint`), checked
+    (:func:`checked_task_class`), and the task is built from exactly what was checked. Raises a
+    :class:`~cvlab.utils.safety.CheckpointError` for a file that is refused.
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    task = checked_task_class(checkpoint)(**checkpoint["hyper_parameters"])
+    task.on_load_checkpoint(checkpoint)
+    task.load_state_dict(checkpoint["state_dict"])
+    weights = next(iter(checkpoint["state_dict"].values()), None)
+    return task.to(weights.device) if weights is not None else task

@@ -1,4 +1,4 @@
-"""Console output shared by the commands: the config tree, metric tables, error lines (rich)."""
+"""Console output shared by the commands: the config tree, metric tables, error and warning lines (rich)."""
 from __future__ import annotations
 
 import sys
@@ -14,6 +14,11 @@ err_console = Console(stderr=True)
 def print_error(message: str) -> None:
     """The one line a user sees for bad input."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    """A setting that works but is known to train poorly: one line, with the override that fixes it."""
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def config_tree(cfg, title: str = "config") -> Tree:
