@@ -106,6 +106,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(train_cfg, tmp_path):
     assert weights_full.keys() == weights_resumed.keys()
     for key in weights_full:
         torch.testing.assert_close(weights_resumed[key], weights_full[key], rtol=0, atol=0, msg=key)
+    # The resumed run kept its best from before the interruption: it reports what the uninterrupted run reports.
+    metrics_full, metrics_resumed = (json.loads((run / "metrics.json").read_text()) for run in (full, part))
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
+        assert metrics_resumed[key] == metrics_full[key], key
+    best_full, best_resumed = (torch.load(run / "weights" / "best.ckpt", map_location="cpu", weights_only=True)
+                               for run in (full, part))
+    assert best_resumed["epoch"] == best_full["epoch"]
 
 
 def test_resume_with_more_epochs_replans_the_schedule(train_cfg, tmp_path):

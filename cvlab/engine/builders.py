@@ -45,14 +45,23 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks=()):
+    """The trainer of ``cfg.trainer`` with the run's loggers and callbacks; checkpoints are written atomically
+    (:class:`~cvlab.callbacks.checkpoint.AtomicCheckpointIO`) unless ``trainer.plugins`` brings its own writer."""
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.plugins.io import CheckpointIO
+
+    from cvlab.callbacks.checkpoint import AtomicCheckpointIO
 
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger; results.csv records lr anyway
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+    plugins = instantiate(cfg.trainer.get("plugins"), _convert_="all") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
                        default_root_dir=str(output_dir(cfg)), enable_model_summary=False)
 
 

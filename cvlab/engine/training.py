@@ -8,9 +8,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cvlab.engine.builders import build_datamodule, build_task, build_trainer, quiet_trainer
+from cvlab.engine.checkpoints import check_checkpoint
 from cvlab.engine.runs import output_dir, quiet_lightning, say_run_dir, write_json
 from cvlab.utils.console import config_tree, console, split_metrics_table
-from cvlab.utils.errors import missing_checkpoint
 
 
 def _floats(scores: dict) -> dict:
@@ -31,16 +31,19 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     quiet_lightning()
     out = output_dir(cfg)
     say_run_dir(out, "start")
-    if cfg.resume and not Path(str(cfg.resume)).expanduser().is_file():
-        raise missing_checkpoint("resume checkpoint", cfg.resume, "last.ckpt")
+    resume = Path(str(cfg.resume)).expanduser() if cfg.resume else None
+    if resume is not None:
+        say_resume(resume, out)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     console.print(config_tree(cfg))
     task = build_task(cfg, datamodule)
     trainer = build_trainer(cfg, extra_callbacks)
+    if trainer.is_global_zero and datamodule.write_split_files(out / "splits"):
+        console.print(f"split file lists: {out / 'splits'}/{{train,val,test}}.txt", highlight=False)
 
     started = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=str(Path(str(cfg.resume)).expanduser()) if cfg.resume else None)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     train_time = time.perf_counter() - started
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -52,6 +55,17 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
         finish_run(task, out, "metrics.json", metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint "
                    "on val)", extra={"best_ckpt": best})
     return metrics, {"task": task, "datamodule": datamodule, "trainer": trainer}
+
+
+def say_resume(ckpt: Path, out: Path) -> None:
+    """One line on where a resumed run writes (a UserError if ``ckpt`` is not a file or not a cvlab checkpoint)."""
+    check_checkpoint(ckpt, "resume checkpoint", "last.ckpt")
+    if ckpt.resolve().is_relative_to(out.resolve()):
+        console.print(f"resuming {ckpt}: continuing in its run directory (results.csv, best.ckpt and its score carry "
+                      "on)", highlight=False)
+    else:
+        console.print(f"resuming {ckpt}: writing to {out}, outside the checkpoint's run directory (best.ckpt and its "
+                      "score are carried over, results.csv starts anew)", highlight=False)
 
 
 def evaluate_checkpoint(task, datamodule, trainer_cfg: DictConfig, out: Path, split: str) -> dict:
