@@ -18,6 +18,14 @@ FAST = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "trainer.enab
         "data.batch_size=16"]
 
 
+@pytest.fixture(autouse=True)
+def image_check_cache(tmp_path_factory, monkeypatch):
+    """The image-check cache of each test session lives in a temporary folder, not in ~/.cache/cvlab."""
+    cache = tmp_path_factory.getbasetemp() / "cvlab-cache"
+    monkeypatch.setenv("CVLAB_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture
 def train_cfg(tmp_path):
     """compose("train", overrides) with the run directory in tmp_path."""

@@ -9,7 +9,8 @@ every datamodule shares.
   data whose files ship no such split.
 - :class:`SplitDataModule` holds the three splits and builds their loaders: each loader draws from its own
   generator (the training one is saved with the checkpoint), and the training order comes from the ``sampler``
-  plug-in, epoch-seeded, so a resumed run sees exactly the batches an uninterrupted one would.
+  plug-in, epoch-seeded, so a resumed run sees exactly the batches an uninterrupted one would. Data read from files
+  lists the files of each split (:meth:`~SplitDataModule.split_files`), for the run directory.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -247,8 +249,9 @@ class SplitDataModule(pl.LightningDataModule):
     """What every datamodule shares: ``train_set``, ``val_set`` and ``test_set`` (set by :meth:`setup`), their
     loaders, the ``sampler`` plug-in, ``info`` and the saved state of the training loader's generator.
 
-    Subclasses implement :meth:`read` (build the three splits) and :meth:`describe` (the :class:`DataInfo`), and
-    state what their training set can tell a sampler (:attr:`sampler_inputs`, offered by :meth:`sampler_values`).
+    Subclasses implement :meth:`read` (build the three splits, and for data read from files set :attr:`files`) and
+    :meth:`describe` (the :class:`DataInfo`), and state what their training set can tell a sampler
+    (:attr:`sampler_inputs`, offered by :meth:`sampler_values`).
 
     ``sampler``: a ``_target_`` config (the ``sampler`` group, a plain dict); built by
     :func:`~cvlab.utils.plugins.instantiate_plugin` with those of the sampler inputs its signature names.
@@ -276,6 +279,8 @@ class SplitDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # split -> the image files it holds, relative to data.root (set by read() for data read from files)
+        self.files: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------------------------------ subclasses
     def read(self) -> None:
@@ -306,6 +311,25 @@ class SplitDataModule(pl.LightningDataModule):
         """What a model needs to know about the data (reads it on first use)."""
         self.setup()
         return self.describe()
+
+    def split_files(self) -> dict[str, list[str]]:
+        """``{"train": [...], "val": [...], "test": [...]}``: the image files of each split, relative to
+        ``data.root`` and in the split's order (``"cat/img_3.png"``), whether the files ship the split or it was cut
+        here. ``{}`` for generated and embedded data: their splits follow from the seed and the fractions, which
+        ``.hydra/config.yaml`` records. Reads the data on first use."""
+        self.setup()
+        return {split: list(names) for split, names in self.files.items()}
+
+    def write_split_files(self, directory: str | Path) -> list[Path]:
+        """Writes :meth:`split_files` as ``directory/<split>.txt``, one file name a line (the run directory's
+        ``splits/``); returns the files written, none for data without files."""
+        directory = Path(directory)
+        written = []
+        for split, names in self.split_files().items():
+            directory.mkdir(parents=True, exist_ok=True)
+            written.append(directory / f"{split}.txt")
+            written[-1].write_text("".join(f"{name}\n" for name in names))
+        return written
 
     @staticmethod
     def note(message: str) -> None:

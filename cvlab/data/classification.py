@@ -25,7 +25,9 @@ from torchvision.transforms import v2
 from cvlab.data.base import IMAGE_EXTENSIONS, DataInfo, SplitDataModule, cut_note, cut_splits
 from cvlab.data.shapes import SHAPE_CLASSES, ShapesClassification
 from cvlab.utils.errors import UserError
+from cvlab.utils.images import check_images, open_image
 from cvlab.utils.plugins import plain_config
+from cvlab.utils.validate import check_image_size, check_loader, check_number
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ _STATS = {
 @dataclass
 class Split:
     """What a source reads: the three splits (images not yet transformed), the training labels, the class names,
-    how the splits were made (for the log) and the files it skipped."""
+    how the splits were made (for the log), the files it skipped and, for image files, each split's files relative
+    to the root."""
 
     train: Dataset
     val: Dataset
@@ -53,6 +56,7 @@ class Split:
     class_names: list[str]
     note: str
     problems: list[str] = field(default_factory=list)
+    files: dict[str, list[str]] = field(default_factory=dict)
 
 
 class TransformedDataset(Dataset):
@@ -142,6 +146,7 @@ def _cut_from_training(samples: dict[str, list], labels: list[int], missing: lis
 
 
 def _find_images(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(path, label)`` of every image below ``folder``'s class sub-folders, and the class names (sorted)."""
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     samples = [
         (str(path), label)
@@ -152,34 +157,42 @@ def _find_images(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return samples, classes
 
 
-def _readable(samples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
-    """Keeps the images PIL can decode; the others are returned as problems, by path."""
-    from PIL import Image
-
-    good, problems = [], []
-    for path, label in samples:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-            good.append((path, label))
-        except Exception as error:  # PIL raises many types for a broken file
-            problems.append(f"{path}: unreadable image ({type(error).__name__})")
+def _readable(samples: list[tuple[str, int]], max_pixels: int | None) -> tuple[list[tuple[str, int]], list[str]]:
+    """Keeps the images that decode to the end within ``max_pixels`` pixels (checked once, cached: see
+    :func:`~cvlab.utils.images.check_images`); the others are returned as problems, by path."""
+    checks = check_images([path for path, _ in samples], max_pixels)
+    good = [(path, label) for path, label in samples if checks[Path(path)].problem is None]
+    problems = [f"{path}: image {checks[Path(path)].problem}" for path, _ in samples if checks[Path(path)].problem]
     return good, problems
 
 
 class FolderImages(Dataset):
-    def __init__(self, samples: list[tuple[str, int]], mode: str):
-        self.samples, self.mode = samples, mode
+    """``(PIL image in mode, label)`` of image files (16-bit greyscale scaled to 8 bits, see
+    :func:`~cvlab.utils.images.open_image`)."""
+
+    def __init__(self, samples: list[tuple[str, int]], mode: str, max_pixels: int | None = None):
+        self.samples, self.mode, self.max_pixels = samples, mode, max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return image.convert(self.mode), label
+        return open_image(path, self.mode, self.max_pixels), label
+
+
+# Folder names a validation split ships under: ImageFolder's val/, Roboflow's valid/, Keras' validation/.
+_VAL_FOLDERS = ("val", "valid", "validation")
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders beside ``root/train`` (none without it): ``{"train": ..., "val": ..., "test": ...}``."""
+    if not (root / "train").is_dir():
+        return {}
+    candidates = {"train": ("train",), "val": _VAL_FOLDERS, "test": ("test",)}
+    folders = {split: next((root / name for name in names if (root / name).is_dir()), None)
+               for split, names in candidates.items()}
+    return {split: folder for split, folder in folders.items() if folder is not None}
 
 
 def _imagefolder(dm: "ClassificationDataModule") -> Split:
@@ -188,14 +201,15 @@ def _imagefolder(dm: "ClassificationDataModule") -> Split:
     if not root.is_dir():
         raise UserError(f"data.root {str(root)!r} is not a folder; point data.root= at a folder of class sub-folders.")
     mode = "L" if hp.in_chans == 1 else "RGB"
-    shipped = [split for split in SPLITS if (root / split).is_dir()]
-    if "train" in shipped and len(shipped) > 1:  # train/ beside val/ or test/: split folders of class folders
-        samples, classes = _find_images(root / "train")
+    max_pixels = hp.max_image_pixels
+    shipped = _split_folders(root)
+    if len(shipped) > 1:  # train/ beside val/ or test/: split folders of class folders
+        samples, classes = _find_images(shipped["train"])
         samples = {"train": samples}
-        for split in shipped[1:]:
-            samples[split], split_classes = _find_images(root / split)
+        for split, folder in list(shipped.items())[1:]:
+            samples[split], split_classes = _find_images(folder)
             if split_classes != classes:
-                raise UserError(f"{root}/train and {root}/{split} hold different class folders: "
+                raise UserError(f"{shipped['train']} and {folder} hold different class folders: "
                                 f"{classes} vs {split_classes}.")
     else:
         samples, classes = _find_images(root)
@@ -205,18 +219,19 @@ def _imagefolder(dm: "ClassificationDataModule") -> Split:
                         f"{', '.join(IMAGE_EXTENSIONS[:4])}... files.")
     problems: list[str] = []
     for split in list(samples):
-        samples[split], unreadable = _readable(samples[split])
+        samples[split], unreadable = _readable(samples[split], max_pixels)
         problems += unreadable
         if not samples[split] and split != "train":
             del samples[split]  # an empty split folder ships nothing: the split is cut instead
     if not samples["train"]:
         raise UserError(f"none of the images under {root} could be read: {problems[0]}")
-    given = " and ".join(f"{split}/" for split in samples) if len(shipped) > 1 else "no split folders"
+    given = " and ".join(f"{shipped[split].name}/" for split in samples) if len(shipped) > 1 else "no split folders"
     missing = [split for split in ("val", "test") if split not in samples]
     note = f"{given}: " + (_cut_from_training(samples, [label for _, label in samples["train"]], missing, dm, classes,
                                               str(root)) if missing else "the folders are the splits")
-    return Split(*(FolderImages(samples[split], mode) for split in SPLITS), [label for _, label in samples["train"]],
-                 classes, note, problems)
+    files = {split: [Path(path).relative_to(root).as_posix() for path, _ in samples[split]] for split in SPLITS}
+    return Split(*(FolderImages(samples[split], mode, max_pixels) for split in SPLITS),
+                 [label for _, label in samples["train"]], classes, note, problems, files)
 
 
 def _torchvision(dm: "ClassificationDataModule") -> Split:
@@ -274,6 +289,42 @@ _SOURCES: dict[str, Callable[["ClassificationDataModule"], Split]] = {
 _FLIPPABLE = {"shapes", "imagefolder", "cifar10", "cifar100"}
 
 
+# What a source fixes: its images' channels and its number of classes (None: counted, or set by data.num_classes).
+_CHANNELS = {"digits": (1,), "mnist": (1,), "fashion_mnist": (1,), "shapes": (3,), "cifar10": (3,), "cifar100": (3,),
+             "imagefolder": (3, 1)}
+_CLASSES = {"digits": 10, "shapes": len(SHAPE_CLASSES), "mnist": 10, "fashion_mnist": 10, "cifar10": 10,
+            "cifar100": 100}
+_DRAWN = ("shapes", "synthetic")  # generated from the seed, sized by train_size / val_size / test_size
+_MAX_CHANNELS = 64
+
+
+def _check_arguments(source: str, name: str, root, image_size, in_chans, num_classes, batch_size, num_workers,
+                     sizes, max_image_pixels) -> None:
+    """The datamodule's arguments, checked before anything is read (one line each, naming the data.* key)."""
+    if source not in _SOURCES:
+        raise UserError(f"unknown data source {source!r}; choose one of {', '.join(_SOURCES)}.")
+    check_loader(batch_size, num_workers)
+    check_image_size("data.image_size", image_size)
+    check_number("data.in_chans", in_chans, 1, _MAX_CHANNELS, integer=True)
+    if source in _CHANNELS and in_chans not in _CHANNELS[source]:
+        allowed = " or ".join(map(str, _CHANNELS[source]))
+        raise UserError(f"data.in_chans={in_chans} but {name} images have {allowed} "
+                        f"channel{'' if allowed == '1' else 's'}; leave data.in_chans={_CHANNELS[source][0]}.")
+    check_number("data.num_classes", num_classes, 1, integer=True, optional=source != "synthetic")
+    if source in _CLASSES and num_classes is not None and num_classes != _CLASSES[source]:
+        raise UserError(f"{name}: data.num_classes={num_classes} but the data has {_CLASSES[source]} classes; "
+                        f"leave data.num_classes={_CLASSES[source]} (or null).")
+    if source in _DRAWN:
+        for key, size in zip(("train_size", "val_size", "test_size"), sizes):
+            check_number(f"data.{key}", size, 1, integer=True, optional=key == "test_size")
+    check_number("data.max_image_pixels", max_image_pixels, 1, integer=True, optional=True)
+    if max_image_pixels is not None and source != "imagefolder":
+        raise UserError(f"data.max_image_pixels limits image files; {name} reads none, leave it null.")
+    if source == "imagefolder" and not (root and Path(str(root)).expanduser().is_dir()):
+        raise UserError(f"data.root {str(root)!r} is not a folder; point data.root= at a folder of class "
+                        "sub-folders (or of train/, val/, test/ folders of them).")
+
+
 class ClassificationDataModule(SplitDataModule):
     """One datamodule for every classification source (``source=``: digits, shapes, synthetic, imagefolder,
     cifar10, cifar100, mnist, fashion_mnist).
@@ -284,7 +335,10 @@ class ClassificationDataModule(SplitDataModule):
     cut when the files ship no such split (of all images, or of the training split when only it ships);
     ``train_size`` / ``val_size`` / ``test_size`` size the generated sets (``test_size`` None: ``val_size``).
     ``sampler`` is the ``sampler`` group's config; it is offered ``labels``, ``class_counts``, ``num_classes``,
-    ``num_samples`` and ``seed``.
+    ``num_samples`` and ``seed``. ``max_image_pixels`` (imagefolder) skips larger image files as decompression
+    bombs (None: PIL's limit). ``in_chans`` None is the source's own (1 for digits and MNIST, else 3). Every
+    argument is checked here, before anything is read: a source's fixed channels and class count refuse other
+    values.
     """
 
     kind = "classification"
@@ -296,7 +350,7 @@ class ClassificationDataModule(SplitDataModule):
         name: str | None = None,
         root: str | None = None,
         image_size: int = 32,
-        in_chans: int = 3,
+        in_chans: int | None = None,
         num_classes: int | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
@@ -309,9 +363,12 @@ class ClassificationDataModule(SplitDataModule):
         test_size: int | None = None,
         sampler: dict | None = None,
         seed: int = 42,
+        max_image_pixels: int | None = None,
     ):
-        if source not in _SOURCES:
-            raise UserError(f"unknown data source {source!r}; choose one of {', '.join(_SOURCES)}.")
+        if in_chans is None:  # before save_hyperparameters, which records it
+            in_chans = _CHANNELS.get(source, (3,))[0]
+        _check_arguments(source, name or source, root, image_size, in_chans, num_classes, batch_size, num_workers,
+                         (train_size, val_size, test_size), max_image_pixels)
         sampler = plain_config(sampler)  # before save_hyperparameters: checkpoints hold plain python only
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, sampler=sampler,
                          val_fraction=val_fraction, test_fraction=test_fraction)
@@ -334,6 +391,7 @@ class ClassificationDataModule(SplitDataModule):
         self.val_set = TransformedDataset(split.val, evaluation)
         self.test_set = TransformedDataset(split.test, evaluation)
         self.train_labels, self.class_names, self.problems = split.train_labels, split.class_names, split.problems
+        self.files = split.files
         self.note(f"data {hp.name or hp.source}: {split.note}; {len(split.train)} / {len(split.val)} / "
                   f"{len(split.test)} train / val / test images")
 

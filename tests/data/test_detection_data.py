@@ -46,7 +46,7 @@ def test_three_formats_read_back_the_same_boxes_and_labels(datasets_on_disk):
     coco = CocoDataset(root / "coco" / "train2017", root / "coco" / "annotations" / "instances_train2017.json")
     voc = VOCDataset(root / "voc" / "VOC2012", "train", class_names=SHAPE_CLASSES)
     assert voc_class_names(root / "voc" / "VOC2012") == tuple(sorted(SHAPE_CLASSES))  # discovered: sorted
-    yolo = YOLODataset(root / "yolo" / "data.yaml", "train")
+    yolo = YOLODataset.from_yaml(root / "yolo" / "data.yaml", "train")
     for dataset in (coco, voc, yolo):
         assert dataset.class_names == SHAPE_CLASSES and dataset.num_classes == 5
         assert len(dataset) == 3 and dataset.problems == []
@@ -85,8 +85,11 @@ def test_bad_coco_annotations_are_reported_and_skipped(tmp_path, caplog):
     for needle in ("clipped", "outside the 50x40 image, skipped", "zero or negative size", "unknown category id 99",
                    "missing.png not found"):
         assert sum(needle in p for p in dataset.problems) == 1, needle
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "5 annotation problem(s)" in warnings[0].getMessage()
+    # One line per kind of problem, with its count and its first instance.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "4 annotation problem(s) fixed or skipped" in warnings[0] and "unknown category id 99" in warnings[0]
+    assert "1 image(s) missing, undecodable or too large skipped" in warnings[1] and "missing.png" in warnings[1]
 
 
 def test_bad_voc_and_yolo_annotations_are_reported(tmp_path):
@@ -105,13 +108,13 @@ def test_bad_voc_and_yolo_annotations_are_reported(tmp_path):
     label_file = yolo / "labels" / "train" / "y.txt"
     label_file.write_text(label_file.read_text() + "7 0.5 0.5 0.1 0.1\n0 0.5 0.5\n1 0.9 0.5 0.4 0.2\n"
                           "3 0.1 0.1 0.3 0.1 0.2 0.4\n")
-    dataset = YOLODataset(yolo / "data.yaml", "train")
+    dataset = YOLODataset.from_yaml(yolo / "data.yaml", "train")
     _, target = dataset[0]
     # The last two lines: a box reaching past the right edge (clipped) and a triangle polygon (its bounding box).
     assert torch.allclose(target["boxes"], torch.tensor([[4, 2, 12, 10], [28, 8, 40, 12], [4, 2, 12, 8.]]))
     assert target["labels"].tolist() == [2, 1, 3]
     assert len(dataset.problems) == 3
-    assert dataset.problems[0] == f"{label_file}:2: unknown class 7 (the yaml names 5), skipped"
+    assert dataset.problems[0] == f"{label_file}:2: unknown class 7 (the data names 5), skipped"
     assert dataset.problems[1].startswith(f"{label_file}:3: expected 'cls cx cy w h'")
     assert "clipped" in dataset.problems[2]
 
@@ -127,7 +130,7 @@ def test_unreadable_annotation_files_raise_user_errors_naming_them(tmp_path):
         VOCDataset(voc, "train", class_names=SHAPE_CLASSES)
     (tmp_path / "data.yaml").write_text("names: [a, b\n")
     with pytest.raises(UserError, match="data.yaml"):
-        YOLODataset(tmp_path / "data.yaml")
+        YOLODataset.from_yaml(tmp_path / "data.yaml")
     with pytest.raises(UserError, match="ImageSets"):
         VOCDataset(tmp_path, "train")
 
