@@ -1,6 +1,8 @@
-"""The `cvlab` command. Each command forwards its `key=value` arguments, unchanged, to a Hydra entry point
-(so `-m`, `--cfg job` and `hydra.run.dir=` work), after checking them against the shipped configs so that a
-mistake costs one line and exit code 2 instead of a traceback.
+"""The `cvlab` command. Each command forwards its `key=value` arguments to a Hydra entry point (so `-m`,
+`--cfg job` and `hydra.run.dir=` work), after checking them against the shipped configs and their values against
+their ranges (:func:`check`), so that a mistake costs one line and exit code 2 instead of a traceback. They pass
+unchanged, except that a Trainer or optimizer argument the yaml does not list is added for Hydra
+(`trainer.max_steps=2` reaches it as `++trainer.max_steps=2`).
 
 Heavy imports (torch, Lightning) happen inside the commands: `cvlab --help` stays fast.
 """
@@ -97,13 +99,16 @@ def _mentions_distill(overrides: list[str]) -> bool:
     return bool(heads & {"distill", *DISTILL_SLOTS, *(f"model@{slot}" for slot in DISTILL_SLOTS)})
 
 
-def _check(config_name: str, overrides: list[str]):
-    from cvlab.utils.config import check_overrides
+def check(config_name: str, overrides: list[str]):
+    """The CLI's checking function: :func:`cvlab.utils.config.check` (keys, types, ranges, every sweep choice),
+    with a mistake printed as one line and exit code 2. Returns what it found good (the composed config and the
+    overrides spelled for Hydra)."""
+    from cvlab.utils.config import check as check_config
     from cvlab.utils.console import fail
     from cvlab.utils.errors import UserError
 
     try:
-        return check_overrides(config_name, overrides)
+        return check_config(config_name, overrides)
     except UserError as error:
         fail(str(error))
 
@@ -116,7 +121,7 @@ def run_here(config_name: str, overrides: list[str], command: str) -> None:
     from cvlab.utils.console import fail
     from cvlab.utils.errors import UserError
 
-    cfg = _check(config_name, overrides)
+    cfg = check(config_name, overrides).cfg
     runner = getattr(importlib.import_module(f"cvlab.run.{command}"), f"run_{command}")
     try:
         runner(cfg)
@@ -133,7 +138,7 @@ def launch(command: str, config_name: str, entry: str, args: list[str], multirun
         overrides = complete_task(overrides, announce=True)
     elif config_name == "distill":
         overrides = distill_overrides(overrides)
-    _check(config_name, overrides)
+    overrides = check(config_name, overrides).overrides
     if multirun and not {"-m", "--multirun"} & set(flags):
         flags.insert(0, "--multirun")
     module = importlib.import_module(f"cvlab.run.{entry}")

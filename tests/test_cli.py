@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 
 def test_help_is_fast_and_lists_every_command():
@@ -27,8 +28,9 @@ def test_help_does_not_import_torch():
     ("args", "expected"),
     [
         (["train", "model=resnt50"], "unknown model option 'resnt50'. Did you mean resnet50"),
-        (["train", "optimizer.lrr=0.1"], "unknown key 'optimizer.lrr'. Did you mean optimizer.lr"),
-        (["train", "trainer.max_epochs=abc"], "trainer.max_epochs expects an integer, got 'abc'"),
+        (["train", "optimizer.lrr=0.1"], "unknown key 'optimizer.lrr': torch.optim.AdamW takes no argument 'lrr'. "
+                                         "Did you mean optimizer.lr"),
+        (["train", "trainer.max_epochs=abc"], "trainer.max_epochs expects an integer or null, got 'abc'"),
         (["train", "optimizer.lr=fast"], "optimizer.lr expects a number, got 'fast'"),
         (["sweep", "optimizer=sgd,adm"], "unknown optimizer option 'adm'. Did you mean adam"),
         (["train", "norm=batchnorm"], "unknown norm option 'batchnorm'"),
@@ -42,9 +44,27 @@ def test_help_does_not_import_torch():
          "model 'resnet18' is a classification model; task=detection takes one of yolov1, yolov1_tiny, yolov2"),
         (["train", "model=yolov3_tiny", "loss=ce"], "loss=ce is a classification loss; task=detection cannot use it"),
         (["eval", "ckpt=README.md", "split=train"], "split is one of val, test, got 'train'"),
+        # Values are range-checked before anything is built (each printed a traceback before).
+        (["train", "optimizer.lr=-1"], "optimizer.lr must be a number > 0, got -1."),
+        (["train", "data.batch_size=0"], "data.batch_size must be an integer in [1, 65536], got 0."),
+        (["train", "data.val_fraction=1.5"], "data.val_fraction=1.5 and data.test_fraction=0.15: each must be above 0"),
+        (["info", "data.image_size=0"], "data.image_size must be an integer in [1, 4096], got 0."),
+        (["train", "data.in_chans=3"], "data.in_chans=3 but digits images have 1 channel; leave data.in_chans=1."),
+        (["predict", "ckpt=x.ckpt", "source=.", "top_k=0"], "top_k must be an integer >= 1, got 0."),
+        pytest.param(["predict", "ckpt=x.ckpt", "source=.", "device=cuda"],
+                     "device=cuda but torch sees no CUDA GPU on this machine; use device=cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        (["train", "paths.runs=/proc/cvlab-runs"], "paths.runs=/proc/cvlab-runs is not writable"),
+        (["train", "paths.runs=x.ckpt/runs"], "paths.runs=x.ckpt/runs cannot be a folder"),
+        # Settings that were silently ignored, and a Trainer argument misspelt.
+        (["info", "model=resnet18", "data.num_classes=1000"],
+         "digits: data.num_classes=1000 but the data has 10 classes"),
+        (["train", "data.root=/tmp"], "data.root does not apply to data=digits (it is embedded"),
+        (["train", "trainer.max_stepz=2"], "takes no argument 'max_stepz'. Did you mean trainer.max_steps"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_run_dir(cli, tmp_path, args, expected):
+    (tmp_path / "x.ckpt").write_bytes(b"")  # a checkpoint path that exists, for predict's value checks
     result = cli(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from cvlab.cli import complete_task
 from cvlab.engine import run_train
 from cvlab.utils.config import CONF_DIR, check_overrides, groups, options, read_option
 
@@ -95,14 +96,18 @@ def _assert_contains(values: dict, expected: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize("group", [g for g in groups() if g not in TRAINABLE_GROUPS + ("model", "paths")])
-def test_every_option_of_the_other_groups_composes_and_takes_effect(group):
+def test_every_option_of_the_other_groups_composes_and_takes_effect(group, tmp_path, monkeypatch):
+    # trainer=gpu and trainer=ddp are checked against the machine: pretend it has GPUs.
+    monkeypatch.setattr("cvlab.utils.validate.cuda_devices", lambda: 8)
     for option in options(group):
         overrides = [f"{group}={option}"]
         if group == "data" and option in ("imagefolder", "coco", "voc", "yolo"):
-            overrides.append("data.root=/somewhere")
+            overrides.append(f"data.root={tmp_path}")  # a folder that exists (nothing is read when checking)
+        if group == "data" and read_option("data", option)["defaults"][0].startswith("base/detection"):
+            overrides.append("model=yolov3_tiny")  # detection data needs a detection model (and its task)
         if group == "task":
             overrides.append("data=" + {"classification": "digits", "detection": "shapes_det"}.get(option, "digits"))
-        cfg = check_overrides("train", overrides)
+        cfg = check_overrides("train", complete_task(overrides))
         composed = _compose_with_choices(overrides)
         assert composed.hydra.runtime.choices[group] == option
         if group not in ("experiment", "debug", "sweep"):
