@@ -146,10 +146,10 @@ def test_a_vit_teacher_hints_through_its_tokens_laid_out_as_a_map():
     # vit_tiny's 14 stages (patch_embed, blocks.0-11, norm): the middle is blocks.6, 192 channels; resnet18 layer2
     assert task.settings.hint_layers == {"teacher": "blocks.6", "student": "layer2"}
     assert task.hint_regressor.weight.shape == (192, 128, 1, 1)
-    tokens = torch.randn(2, 1 + 8 * 8, 192)  # class token, then 8x8 patches of one pixel
+    tokens = torch.randn(2, 1 + 2 * 2, 192)  # class token, then the 2x2 grid of 4x4 patches of an 8x8 digit
     grid = hint_map(task.teacher, "blocks.6", tokens, (8, 8))
-    assert grid.shape == (2, 192, 8, 8)
-    assert torch.equal(grid[:, :, 0, 1], tokens[:, 2]) and torch.equal(grid[:, :, 1, 0], tokens[:, 9])
+    assert grid.shape == (2, 192, 2, 2)
+    assert torch.equal(grid[:, :, 0, 1], tokens[:, 2]) and torch.equal(grid[:, :, 1, 0], tokens[:, 3])
     assert hint_map(task.model, "layer2", grid, (8, 8)) is grid  # a CNN stage is already a map
     loss = _step(task, torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
     loss.backward()

@@ -204,7 +204,9 @@ def test_init_and_defaults():
     model = mobilenetv3_small(image_size=16)
     assert model.classifier[2].p == 0.2 and mobilenetv1(image_size=16).classifier[0].p == 0.0
     bn = model.features[0][1]
-    assert bn.eps == 1e-3 and bn.momentum == 0.01
+    assert bn.eps == 1e-3 and bn.momentum == 0.1  # the small-input rule (tests/test_zoo_defaults.py)
+    with torch.device("meta"):
+        assert mobilenetv3_small().features[0][1].momentum == 0.01  # the paper's at 224 px
     with torch.no_grad():
         fc = model.classifier[-1]
         assert abs(fc.weight.std().item() - 0.01) < 0.001 and bool((fc.bias == 0).all())

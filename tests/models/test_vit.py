@@ -27,7 +27,8 @@ def digits_vit(**kwargs) -> VisionTransformer:
 
 
 def mini_vit(**kwargs) -> VisionTransformer:
-    """A two-block, 32-wide ViT for 8×8 digits: the cheap model for behaviour that does not depend on size."""
+    """A two-block, 32-wide ViT for 8×8 digits (4×4 patches, a 2×2 grid): the cheap model for behaviour that does
+    not depend on size."""
     return VisionTransformer(num_classes=10, in_chans=1, image_size=8, embed_dim=32, depth=2, num_heads=4, **kwargs)
 
 
@@ -54,7 +55,7 @@ def test_vit_tiny_forward_at_224():
 
 
 @pytest.mark.parametrize(
-    "image_size, patch_size, tokens", [(8, 1, 65), (28, 3, 82), (32, 4, 65), (64, 8, 65), (96, 16, 37)]
+    "image_size, patch_size, tokens", [(8, 4, 5), (16, 4, 17), (28, 4, 50), (32, 4, 65), (64, 8, 65), (96, 16, 37)]
 )
 def test_small_image_patch_rule(image_size, patch_size, tokens):
     with torch.device("meta"):
@@ -87,7 +88,7 @@ def test_attention_runs_through_torch_sdpa(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     with torch.no_grad():
         digits_vit()(torch.randn(2, 1, 8, 8))
-    assert calls == [torch.Size([2, 3, 65, 64])] * 12  # one call per block: [N, heads, tokens, head_dim]
+    assert calls == [torch.Size([2, 3, 5, 64])] * 12  # one call per block: [N, heads, tokens, head_dim]
 
 
 def test_encoder_block_matches_torchvision():
@@ -156,8 +157,8 @@ def test_initialisation():
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
     for token in (model.patch_embed.cls_token, model.patch_embed.pos_embed.weight):
         assert token.abs().max() <= 0.04
-    proj = model.patch_embed.proj  # LeCun normal: fan_in = 1 channel · 1 · 1 → std 1, cut at ±2
-    assert proj.weight.abs().max() <= 2.0 and proj.bias.abs().max() == 0
+    proj = model.patch_embed.proj  # LeCun normal: fan_in = 1 channel · 4 · 4 → std 1/4, cut at ±1/2
+    assert proj.weight.abs().max() <= 0.5 and 0.15 < proj.weight.std() < 0.3 and proj.bias.abs().max() == 0
 
 
 def test_wrong_input_size_is_explained():
@@ -166,7 +167,7 @@ def test_wrong_input_size_is_explained():
 
 
 def test_stages_cover_the_model():
-    model = mini_vit().eval()
+    model = mini_vit(patch_size=1).eval()  # an 8×8 grid, so that rows and columns differ
     assert model.feature_info.module_names() == ["patch_embed", "blocks.0", "blocks.1", "norm"]
     assert model.feature_info.channels() == [32] * 4 and model.feature_info.reductions() == [1] * 4
     assert model.num_features == 32
