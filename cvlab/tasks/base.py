@@ -24,8 +24,9 @@ from cvlab.utils.errors import UserError, suggest
 from cvlab.utils.safety import CheckpointError, RefusedCheckpoint, check_config, read_checkpoint
 from cvlab.utils.schedules import PLAN_KEYS
 
-# Keys of a model config that describe it rather than parameterise its constructor.
-MODEL_META_KEYS = ("name", "task", "multiscale")
+# Keys of a model config that describe it rather than parameterise its constructor (adam_lr: the AdamW rate of the
+# model's own recipe, read by conf/optimizer/adamw.yaml).
+MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr")
 
 _TASKS: dict[str, type["BaseTask"]] = {}
 

@@ -101,9 +101,9 @@ class VisionTransformer(Backbone):
     - ``act_layer``: None = GELU; replaces the MLP activation.
     - ``attn_layer`` (entry points only): ignored with a warning; the attention plug-ins are for CNN feature maps.
 
-    Training: ViT's recipes train from scratch with Adam(W) at lr <= 1e-3 (``MAX_ADAM_LR``);
-    :meth:`training_warnings` says so when a run's rate is higher. On digits (6 epochs, test accuracy) at 3e-3:
-    vit_tiny 0.896, vit_small 0.393, vit_base 0.837; at 1e-3: 0.915, 0.956, 0.922.
+    Training: ViT's recipes train from scratch with Adam(W) at lr <= 1e-3 (``MAX_ADAM_LR``), which the ViT configs'
+    ``adam_lr`` gives ``optimizer=adamw``; :meth:`training_warnings` says so when a run's rate is higher. On digits
+    (6 epochs, test accuracy) at 3e-3: vit_tiny 0.896, vit_small 0.393, vit_base 0.837.
 
     Stages (``feature_info``, and ``create_model(name, features_only=True)``): ``patch_embed``, ``blocks.0`` ..
     ``blocks.<depth - 1>``, ``norm`` (the last equals ``forward_features``), each ``embed_dim`` channels at
