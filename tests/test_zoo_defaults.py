@@ -9,8 +9,6 @@ ones train.
 """
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from torch import nn
