@@ -24,13 +24,25 @@ def restore_task(ckpt: Path, what: str = "checkpoint", file: str = "") -> BaseTa
         raise UserError(f"{what} {str(ckpt)!r} is not a cvlab checkpoint: {one_line(error)}.") from None
 
 
-def check_checkpoint(ckpt: Path, what: str = "checkpoint", file: str = "") -> Path:
+# What ``Trainer.fit(ckpt_path=...)`` continues from besides the weights; a finished run's best.ckpt keeps neither
+# (:func:`cvlab.callbacks.checkpoint.keep_weights_only`).
+RESUME_STATE_KEYS = ("optimizer_states", "loops")
+
+
+def check_checkpoint(ckpt: Path, what: str = "checkpoint", file: str = "", resume: bool = False) -> Path:
     """``ckpt``, once checked as :func:`restore_task` would check it, for a caller that hands the path to Lightning
-    (``Trainer.fit(ckpt_path=...)`` reads the file again, with ``weights_only=True``); a UserError otherwise."""
+    (``Trainer.fit(ckpt_path=...)`` reads the file again, with ``weights_only=True``); a UserError otherwise.
+    ``resume`` also refuses a file without the optimizer and loop states, naming the run's last.ckpt."""
     if not ckpt.is_file():
         raise missing_checkpoint(what, ckpt, file)
     try:
-        checked_task_class(read_checkpoint(ckpt))
+        checkpoint = read_checkpoint(ckpt)
+        checked_task_class(checkpoint)
     except CheckpointError as error:
         raise error.about(what, ckpt) from None
+    if resume and not all(key in checkpoint for key in RESUME_STATE_KEYS):
+        last = ckpt.with_name("last.ckpt")
+        instead = last if last.is_file() and last != ckpt else "the weights/last.ckpt of its run"
+        raise UserError(f"{what} {str(ckpt)!r} holds only the weights (a finished run's best.ckpt keeps no optimizer "
+                        f"or loop state); resume from {instead}.")
     return ckpt

@@ -47,19 +47,38 @@ def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     train_time = time.perf_counter() - started
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    metrics = evaluate(trainer, task, datamodule, "val", ckpt_path=best or None)
+    strip_best_checkpoint(trainer)
+    metrics = evaluate(trainer, task, datamodule, "val", ckpt_path=best or None)  # scores the stripped file
     metrics.update(evaluate(trainer, task, datamodule, "test"))  # the weights validate() just loaded
     metrics.update(epochs=trainer.current_epoch, train_time_s=round(train_time, 2),
                    params=sum(p.numel() for p in task.model.parameters()))
+    for logger in trainer.loggers:  # the two evaluations logged val/ and test/; the rest of metrics.json joins them
+        logger.log_metrics({key: metrics[key] for key in ("epochs", "train_time_s", "params")}, trainer.global_step)
+        logger.finalize("success")
     if trainer.is_global_zero:
         finish_run(task, out, "metrics.json", metrics, title=f"{cfg.model.name} on {cfg.data.name} (best checkpoint "
                    "on val)", extra={"best_ckpt": best})
     return metrics, {"task": task, "datamodule": datamodule, "trainer": trainer}
 
 
+def strip_best_checkpoint(trainer) -> None:
+    """Once fitting is over the best checkpoint is final: it keeps only the weights and what restoring the task
+    needs (:func:`~cvlab.callbacks.checkpoint.keep_weights_only`); last.ckpt keeps the state a resume needs. A
+    checkpoint callback without a monitor names the latest file as its best, which stays whole."""
+    from cvlab.callbacks.checkpoint import keep_weights_only
+
+    callback = trainer.checkpoint_callback
+    if callback is None or not callback.monitor or not callback.best_model_path:
+        return
+    if trainer.is_global_zero:
+        keep_weights_only(Path(callback.best_model_path), callback.monitor, callback.mode, callback.best_model_score)
+    trainer.strategy.barrier("best checkpoint stripped")  # other ranks read it next
+
+
 def say_resume(ckpt: Path, out: Path) -> None:
-    """One line on where a resumed run writes (a UserError if ``ckpt`` is not a file or not a cvlab checkpoint)."""
-    check_checkpoint(ckpt, "resume checkpoint", "last.ckpt")
+    """One line on where a resumed run writes (a UserError if ``ckpt`` is not a file or not a cvlab checkpoint, or
+    holds only weights)."""
+    check_checkpoint(ckpt, "resume checkpoint", "last.ckpt", resume=True)
     if ckpt.resolve().is_relative_to(out.resolve()):
         console.print(f"resuming {ckpt}: continuing in its run directory (results.csv, best.ckpt and its score carry "
                       "on)", highlight=False)

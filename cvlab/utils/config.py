@@ -384,9 +384,11 @@ def check(config_name: str, overrides: list[str]) -> Checked:
         if key in group_names:
             if not override.is_delete():
                 for value in _values(override, key, group_names):
-                    if value is not None and str(value) not in options(key):
-                        raise UserError(f"unknown {key} option {str(value)!r}.{suggest(str(value), options(key))} "
-                                        f"`cvlab list {key}` shows all {len(options(key))}.")
+                    for option in value if isinstance(value, list) else [value]:  # logger=[csv,mlflow]: several
+                        if option is not None and str(option) not in options(key):
+                            raise UserError(f"unknown {key} option {str(option)!r}."
+                                            f"{suggest(str(option), options(key))} "
+                                            f"`cvlab list {key}` shows all {len(options(key))}.")
             group_overrides.append(override)
         else:
             key_overrides.append(override)
