@@ -19,7 +19,7 @@ from PIL import Image
 from cvlab.cli import complete_task
 from cvlab.data.shapes import SHAPE_CLASSES
 from cvlab.engine import build_datamodule
-from cvlab.tasks.base import MODEL_META_KEYS, build_model
+from cvlab.tasks.base import EXECUTION_KEYS, MODEL_META_KEYS, build_model
 from cvlab.utils.config import check, compose, option_keys, options
 from cvlab.utils.errors import UserError
 from detection_files import shape_scenes, write_coco, write_voc, write_yolo
@@ -128,6 +128,7 @@ def _alternative(option: str, key: str, value, roots: dict[str, Path]):
         "mixup": lambda: 1.0, "train_split": lambda: "half" if option == "voc" else "nosuch",
         "val_split": lambda: shipped, "test_split": lambda: shipped,
         "ann": lambda: "annotations/instances_train2017.json", "max_image_pixels": lambda: 100,
+        "seed": lambda: value + 1,
     }
     assert key in table, f"data key {key!r} has no alternative value in this test: add one"
     return table[key]()
@@ -328,7 +329,7 @@ def _trainer_arguments() -> dict[str, inspect.Parameter]:
 def test_every_trainer_key_is_a_lightning_trainer_argument(option):
     cfg = compose("train", [f"trainer={option}"]).trainer
     assert cfg._target_ == "pytorch_lightning.Trainer"
-    assert not set(cfg) - set(HYDRA_KEYS) - set(_trainer_arguments())
+    assert not set(cfg) - set(HYDRA_KEYS) - set(EXECUTION_KEYS) - set(_trainer_arguments())
 
 
 def test_every_trainer_key_reaches_the_trainer(monkeypatch, tmp_path):
@@ -342,7 +343,8 @@ def test_every_trainer_key_reaches_the_trainer(monkeypatch, tmp_path):
                "limit_train_batches": 0.5, "limit_val_batches": 3, "limit_test_batches": 0.25, "deterministic": True,
                "enable_checkpointing": False, "enable_progress_bar": False, "benchmark": True}
     defaults = compose("train", []).trainer
-    assert set(changes) == set(defaults) - set(HYDRA_KEYS), "a trainer/default.yaml key this test does not change"
+    assert set(changes) == set(defaults) - set(HYDRA_KEYS) - set(EXECUTION_KEYS), \
+        "a trainer/default.yaml key this test does not change"
     overrides = [f"trainer.{key}={_plain(value)}" for key, value in changes.items()]
     monkeypatch.setattr("cvlab.utils.validate.cuda_devices", lambda: 2)  # trainer.devices=2 is checked here
     cfg = check("train", [*overrides, "logger=none", f"paths.output_dir={tmp_path}"]).cfg
@@ -350,6 +352,7 @@ def test_every_trainer_key_reaches_the_trainer(monkeypatch, tmp_path):
     monkeypatch.setattr(pl.Trainer, "__init__", lambda self, **kwargs: received.update(kwargs))
     build_trainer(cfg)
     assert {key: received[key] for key in changes} == changes
+    assert not set(EXECUTION_KEYS) & set(received)  # cvlab's own keys (compile, channels_last) go to the task
 
 
 def _timer_seconds(trainer) -> float:

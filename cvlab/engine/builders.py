@@ -9,9 +9,11 @@ from cvlab.tasks.base import BaseTask, task_class, to_plain
 
 
 def build_datamodule(cfg: DictConfig):
-    """The datamodule of ``cfg.data`` with the run's sampler and seed, set up (the data is read and checked now,
-    before anything is built)."""
-    datamodule = instantiate_data(cfg.data, sampler=to_plain(cfg.get("sampler")), seed=cfg.seed)
+    """The datamodule of ``cfg.data`` with the run's sampler, set up (the data is read and checked now, before
+    anything is built): ``data.seed`` cuts its splits (the run's seed unless given), the run's seed orders the
+    training."""
+    datamodule = instantiate_data(cfg.data, sampler=to_plain(cfg.get("sampler")), seed=cfg.data.get("seed", cfg.seed))
+    datamodule.seed_order(cfg.seed)
     datamodule.setup()
     return datamodule
 
@@ -44,16 +46,66 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
 
 
+# Loggers whose package comes in an extra of cvlab: {key in the logger group: (module, extra)}.
+LOGGER_EXTRAS = {"mlflow": ("mlflow", "mlflow")}
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The loggers of the ``logger`` group (``logger=[csv,tensorboard,mlflow]`` merges three options, each keyed by
+    its name); one whose package is not installed is a UserError naming the extra that brings it."""
+    import importlib.util
+
+    from cvlab.utils.errors import UserError
+
+    for name in cfg.get("logger") or {}:
+        module, extra = LOGGER_EXTRAS.get(name, (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise UserError(f"logger={name} needs the {module} package: pip install 'cvlab[{extra}]'")
+    return instantiate_dict(cfg.get("logger"))
+
+
+def lightning_trainer_config(trainer_cfg: DictConfig) -> dict:
+    """``trainer_cfg`` resolved, as the Lightning Trainer takes it: without the trainer keys that are cvlab's
+    (:data:`~cvlab.tasks.base.EXECUTION_KEYS`: compile, channels_last, which the task reads), and with synchronised
+    BatchNorm off on the CPU, where torch has none (``trainer=ddp trainer.accelerator=cpu``; a note says so)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from cvlab.tasks.base import EXECUTION_KEYS
+
+    trainer = OmegaConf.to_container(trainer_cfg, resolve=True)
+    for key in EXECUTION_KEYS:
+        trainer.pop(key, None)
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if trainer.get("sync_batchnorm") and (accelerator == "cpu" or (accelerator == "auto"
+                                                                   and not torch.cuda.is_available())):
+        trainer["sync_batchnorm"] = False
+        _note_on_main_process("trainer.sync_batchnorm is off on the CPU: torch synchronises BatchNorm on GPUs only, so "
+                              "each process normalises its own batch (a norm that is not BatchNorm, e.g. norm=gn, "
+                              "trains as one process with the global batch would)")
+    return trainer
+
+
+def _note_on_main_process(message: str) -> None:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from cvlab.utils.console import console
+
+    if rank_zero_only.rank == 0:
+        console.print(message, style="dim", highlight=False)
+
+
 def build_trainer(cfg: DictConfig, extra_callbacks=()):
-    """The trainer of ``cfg.trainer`` with the run's loggers and callbacks; checkpoints are written atomically
-    (:class:`~cvlab.callbacks.checkpoint.AtomicCheckpointIO`) unless ``trainer.plugins`` brings its own writer."""
+    """The trainer of ``cfg.trainer`` (:func:`lightning_trainer_config`) with the run's loggers and callbacks;
+    checkpoints are written atomically (:class:`~cvlab.callbacks.checkpoint.AtomicCheckpointIO`) unless
+    ``trainer.plugins`` brings its own writer."""
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import LearningRateMonitor
     from pytorch_lightning.plugins.io import CheckpointIO
 
     from cvlab.callbacks.checkpoint import AtomicCheckpointIO
 
-    loggers = instantiate_dict(cfg.get("logger"))
+    loggers = build_loggers(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger; results.csv records lr anyway
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -61,15 +113,15 @@ def build_trainer(cfg: DictConfig, extra_callbacks=()):
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
         plugins.append(AtomicCheckpointIO())
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
-                       default_root_dir=str(output_dir(cfg)), enable_model_summary=False)
+    return instantiate(lightning_trainer_config(cfg.trainer), callbacks=callbacks, logger=loggers or False,
+                       plugins=plugins, default_root_dir=str(output_dir(cfg)), enable_model_summary=False)
 
 
 def quiet_trainer(trainer_cfg: DictConfig, out):
     """A trainer for one evaluation pass: no logger, callbacks, summary or progress bar."""
     from hydra.utils import instantiate
 
-    return instantiate(trainer_cfg, logger=False, callbacks=[], enable_model_summary=False,
+    return instantiate(lightning_trainer_config(trainer_cfg), logger=False, callbacks=[], enable_model_summary=False,
                        enable_progress_bar=False, default_root_dir=str(out))
 
 

@@ -27,6 +27,10 @@ from cvlab.utils.schedules import PLAN_KEYS
 # Keys of a model config that describe it rather than parameterise its constructor (adam_lr: the AdamW rate of the
 # model's own recipe, read by conf/optimizer/adamw.yaml).
 MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr")
+# Keys of the trainer group that are cvlab's, not Lightning Trainer arguments: how a task runs its network
+# (:meth:`BaseTask.set_execution`). The engine's trainer builder leaves them out.
+EXECUTION_KEYS = ("compile", "channels_last")
+CHANNELS_LAST_CHOICES = (True, False, "auto")
 
 _TASKS: dict[str, type["BaseTask"]] = {}
 
@@ -89,6 +93,20 @@ def build_model(model: dict, norm: dict, activation: dict, attention: dict, init
     return net
 
 
+def is_convolutional(net: nn.Module) -> bool:
+    """Whether most of ``net``'s parameters are 2-D convolution weights (a CNN; a ViT's patch embedding is not)."""
+    conv = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Conv2d))
+    return 2 * conv > sum(p.numel() for p in net.parameters())
+
+
+def channels_last_images(value: Any) -> Any:
+    """A batch of images ``Tensor[N, C, H, W]`` (floating point) in the channels-last memory format; anything else
+    (labels, targets) as it is."""
+    if isinstance(value, torch.Tensor) and value.ndim == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
 class BaseTask(pl.LightningModule):
     """Holds the group configs (plain dicts) as hyper-parameters, so a checkpoint alone rebuilds it.
 
@@ -123,6 +141,7 @@ class BaseTask(pl.LightningModule):
             raise ValueError("a task needs the data's DataInfo (data_info=DataInfo.as_dict()); build it with "
                              "Task.from_config(cfg, datamodule)")
         self.data_info = DataInfo.from_dict(data_info)
+        self.set_execution()
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -133,10 +152,13 @@ class BaseTask(pl.LightningModule):
         cls.check_model(configs["model"]["name"])
         cls.check_plugin("loss", configs.get("loss"))
         if configs.get("data") is not None:
-            # The seed cuts the splits: a checkpoint re-creates the same test split from its own data config.
-            configs["data"] = {**configs["data"], "seed": int(cfg.seed)}
+            # data.seed cuts the splits: a checkpoint re-creates the same test split from its own data config.
+            configs["data"] = {"seed": int(cfg.seed), **configs["data"]}
         configs = cls.resolve(configs, datamodule, int(cfg.seed))
-        return cls(data_info=datamodule.info.as_dict(), **configs)
+        task = cls(data_info=datamodule.info.as_dict(), **configs)
+        trainer = cfg.get("trainer") or {}
+        task.set_execution(**{key: trainer[key] for key in EXECUTION_KEYS if key in trainer})
+        return task
 
     @classmethod
     def models(cls) -> list[str]:
@@ -186,6 +208,39 @@ class BaseTask(pl.LightningModule):
     def class_names(self) -> list[str]:
         return list(self.data_info.class_names)
 
+    # ------------------------------------------------------------------------------------------ execution
+    def set_execution(self, compile: bool = False, channels_last: bool | str = "auto") -> None:
+        """How the network runs in training and evaluation (``trainer.compile``, ``trainer.channels_last``; not
+        hyper-parameters: a checkpoint restores the same weights either way).
+
+        - ``compile``: ``torch.compile`` of the network in place (``nn.Module.compile``, so its state_dict keys,
+          and the checkpoints, stay those of the eager network).
+        - ``channels_last``: the network's weights, and the images it is given, in the channels-last memory
+          format, which GPU convolutions (cuDNN, tensor cores) run fastest in. ``auto``: on for a convolutional network
+          (most of its parameters in 2-D convolutions) on a GPU; true/false force it on any device.
+        """
+        if channels_last not in CHANNELS_LAST_CHOICES:
+            raise UserError(f"trainer.channels_last is true, false or auto, got {channels_last!r}.")
+        self._compile_network = bool(compile)
+        self._channels_last = channels_last
+        self._uses_channels_last = False
+        self._network_compiled = False
+
+    def configure_model(self) -> None:
+        """Lightning's hook before the strategy moves the task to its device and wraps it (DDP): applies
+        :meth:`set_execution`. Lightning calls it for every fit, validate and test; each part acts once."""
+        device = self.trainer.strategy.root_device
+        wanted = self._channels_last
+        use = is_convolutional(self.model) and device.type == "cuda" if wanted == "auto" else bool(wanted)
+        if use and not self._uses_channels_last:
+            self.to(memory_format=torch.channels_last)
+            # The images too, however the network is called (training, evaluation, predict).
+            self.model.register_forward_pre_hook(lambda network, inputs: tuple(map(channels_last_images, inputs)))
+            self._uses_channels_last = True
+        if self._compile_network and not self._network_compiled:
+            self.model.compile()
+            self._network_compiled = True
+
     # ------------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
@@ -216,6 +271,16 @@ class BaseTask(pl.LightningModule):
             print_warning(line)
 
     # ------------------------------------------------------------------------------------------ reporting
+    def on_test_end(self) -> None:
+        """Computes every metric that still holds updates (a confusion matrix), on every process. :meth:`report`
+        runs on the main process alone, where a torchmetrics compute would wait forever for the others to
+        synchronise; after this it reads torchmetrics' cached, synchronised result."""
+        from torchmetrics import Metric
+
+        for metric in self.modules():
+            if isinstance(metric, Metric) and metric.update_count:
+                metric.compute()
+
     def report(self, out: Path) -> dict:
         """Writes the task's plots into ``out`` and prints its tables after the final evaluation; returns the
         per-class figures to store beside the metrics (json-ready)."""
@@ -224,11 +289,16 @@ class BaseTask(pl.LightningModule):
         plot_curves(out / "results.csv", out / "curves.png")
         return {}
 
-    def predict_images(self, paths: list[Path], names: list[Path], out: Path, settings: dict,
-                       device: torch.device) -> tuple[list[dict], dict[str, int], str, str]:
-        """``cvlab predict``: writes a drawn copy of each image at ``out / name`` and returns (json records, count
-        per class, what the counts count, the table's title)."""
-        raise UserError(f"cvlab predict does not support {self.name} checkpoints yet.")
+    @classmethod
+    def predict_images(cls, runner, paths: list[Path], names: list[Path], out: Path,
+                       settings: dict) -> tuple[list[dict], dict[str, int], str, str]:
+        """``cvlab predict``: runs each image through ``runner``, writes a drawn copy of it at ``out / name`` and
+        returns (json records, count per class, what the counts count, the table's title).
+
+        ``runner`` is a checkpoint's task or an exported graph behind one interface
+        (:class:`cvlab.engine.export.CheckpointRunner`): ``info``, ``data``, ``transform``, ``postprocess`` and
+        ``runner(batch) -> predict_step's output``; so a graph's predictions are drawn and saved by this same code."""
+        raise UserError(f"cvlab predict does not support {cls.name} checkpoints yet.")
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod

@@ -22,7 +22,8 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
     plt = _pyplot()
     n = len(class_names)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.45 * n + 2)
+    # Labelled cells up to 30 classes (15.5 in); beyond, the colour map alone, capped (1000 classes would be 45,000 px)
+    size = min(max(4.0, 0.45 * n + 2), 16.0)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:

@@ -1,0 +1,381 @@
+"""cvlab's check on one GPU, for anyone with a GPU at hand (<= 8 minutes): one table, one json.
+
+1. **resnet50 training throughput**, bf16 at 224 px: ``cvlab train model=resnet50 data=synthetic`` (the real CLI, its
+   default callbacks and logger) beside a plain PyTorch loop of torchvision's resnet50 on the same GPU in the same
+   run: ``torch.autocast(bfloat16)``, channels-last, AdamW, batches already on the GPU. Both are timed over the same
+   number of optimizer steps after the same warm-up (``torch.cuda.synchronize`` at both ends of the window); the
+   goal is cvlab / plain >= 0.97. MFU = achieved FLOP/s / the GPU's dense bf16 peak, the FLOPs of one training step
+   counted by ``torch.utils.flop_counter`` (forward and backward). cvlab's own data loader is also timed alone, so
+   a shortfall can be told apart from data loading.
+2. **yolov3 on shapes_det**: ``cvlab train model=yolov3`` (bf16) to mAP@0.5 >= 0.8 on the test split, with its time.
+3. **DDP smoke test** when more than one GPU is visible: ``cvlab train trainer=ddp trainer.devices=2`` writes one run
+   directory with one metrics.json.
+
+Without a GPU it stops with one line. ``--dry-run`` runs every part on the CPU at tiny sizes (the DDP part as two
+CPU processes), to check the script itself; its numbers mean nothing and its goals are not judged.
+
+Hand-written: no tool compares a framework's training loop with a plain one on the same GPU.
+
+    scripts/gpu_check.sh                 # or: python scripts/gpu_check.py --out gpu_check.json
+    python scripts/gpu_check.py --dry-run --out /tmp/gpu_check.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+THROUGHPUT_GOAL = 0.97
+MAP50_GOAL = 0.8
+# Dense (not sparse) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first name found in
+# torch.cuda.get_device_name() counts. --peak-tflops gives any other GPU's.
+BF16_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "GH200": 989.4,
+                    "A100": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2,
+                    "RTX 3090": 71.0, "V100": 125.0}
+
+
+@dataclass
+class Sizes:
+    """What each part runs: the full check, or the tiny CPU dry run."""
+
+    device: str = "cuda"
+    image_size: int = 224
+    num_classes: int = 1000
+    batch_size: int = 256
+    warmup_steps: int = 15
+    timed_steps: int = 60
+    workers: int = 8
+    precision: str = "bf16-mixed"
+    yolo_overrides: list[str] = field(default_factory=list)
+    ddp: list[str] = field(default_factory=lambda: ["trainer=ddp", "trainer.devices=2"])
+
+    @classmethod
+    def dry_run(cls) -> "Sizes":
+        return cls(device="cpu", image_size=32, num_classes=10, batch_size=4, warmup_steps=1, timed_steps=2, workers=0,
+                   yolo_overrides=["trainer.accelerator=cpu", "data.image_size=64", "data.train_size=8",
+                                   "data.val_size=4", "data.batch_size=4", "trainer.max_epochs=1",
+                                   "trainer.num_sanity_val_steps=0"],
+                   ddp=["trainer=ddp_cpu", "data.batch_size=32", "trainer.max_epochs=1",
+                        "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+                        "trainer.limit_test_batches=2"])
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | None
+    unit: str
+    goal: str = ""
+    passed: bool | None = None  # None: not judged (a dry run, or no goal)
+    seconds: float = 0.0
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- timing in cvlab
+def __getattr__(name: str):
+    """``gpu_check.StepTimer``, the callback the cvlab run is given, made on first use: importing this module for
+    ``--help`` stays free of Lightning."""
+    if name == "StepTimer":
+        return _step_timer_class()
+    raise AttributeError(name)
+
+
+def _step_timer_class():
+    import pytorch_lightning as pl
+    import torch
+
+    class StepTimer(pl.Callback):
+        """Times optimizer steps ``warmup .. warmup + steps`` of a run (synchronising the GPU at both ends) and
+        writes {"seconds", "steps", "images"} to ``path``."""
+
+        def __init__(self, path: str, warmup: int, steps: int):
+            self.path, self.warmup, self.steps = Path(path), warmup, steps
+            self.started = 0.0
+            self.images = 0
+
+        def _sync(self, trainer) -> None:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == self.warmup:
+                self._sync(trainer)
+                self.started = time.perf_counter()
+            if trainer.global_step >= self.warmup:
+                self.images += len(batch[0])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.warmup + self.steps:
+                self._sync(trainer)
+                seconds = time.perf_counter() - self.started
+                self.path.write_text(json.dumps({"seconds": seconds, "steps": self.steps, "images": self.images}))
+
+    return StepTimer
+
+
+def cvlab_command(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "cvlab.cli", "train", *overrides]
+
+
+def run_cvlab(overrides: list[str], runs: Path, log: Path) -> tuple[Path | None, float, int]:
+    """Runs ``cvlab train`` with ``overrides`` (runs under ``runs``, output in ``log``); returns (its run directory
+    or None, wall seconds, exit code)."""
+    env = {**os.environ, "CVLAB_RUNS": str(runs), "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(SCRIPTS), os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.call(cvlab_command(*overrides), stdout=out, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - started
+    runs_made = sorted(p.parent for p in runs.rglob(".hydra"))
+    return (runs_made[-1] if runs_made else None), seconds, code
+
+
+# ---------------------------------------------------------------------------------------------- part 1: resnet50
+def training_flops_per_image(make_model, image_size: int) -> float:
+    """FLOPs of one forward and backward pass per image (torch.utils.flop_counter, on the meta device)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = make_model()
+        images = torch.randn(2, 3, image_size, image_size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(images).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def plain_loop(sizes: Sizes) -> tuple[float, float]:
+    """Images/s of torchvision's resnet50 trained in a plain loop, and its training FLOPs per image."""
+    import torch
+    import torchvision
+
+    rate = _plain_loop_rate(sizes, torch.device(sizes.device))
+    if sizes.device == "cuda":
+        torch.cuda.empty_cache()  # the model and its optimizer state are gone: the cvlab run gets the whole GPU
+    return rate, training_flops_per_image(lambda: torchvision.models.resnet50(num_classes=sizes.num_classes),
+                                          sizes.image_size)
+
+
+def _plain_loop_rate(sizes: Sizes, device) -> float:
+    import torch
+    import torchvision
+    from torch.nn import functional as F
+
+    model = torchvision.models.resnet50(num_classes=sizes.num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    images = torch.rand(sizes.batch_size, 3, sizes.image_size, sizes.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(sizes.num_classes, (sizes.batch_size,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(sizes.warmup_steps):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(sizes.timed_steps):
+        step()
+    synchronize(device)
+    return sizes.timed_steps * sizes.batch_size / (time.perf_counter() - started)
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def resnet50_data(sizes: Sizes) -> list[str]:
+    steps = sizes.warmup_steps + sizes.timed_steps
+    return ["model=resnet50", "data=synthetic", f"data.image_size={sizes.image_size}",
+            f"data.num_classes={sizes.num_classes}",
+            f"data.train_size={steps * sizes.batch_size}", f"data.val_size={2 * sizes.batch_size}",
+            f"data.batch_size={sizes.batch_size}", f"data.num_workers={sizes.workers}"]
+
+
+def data_loader_rate(sizes: Sizes) -> float:
+    """Images/s that cvlab's training loader of the synthetic data delivers alone (no model)."""
+    from cvlab.engine.builders import build_datamodule
+    from cvlab.utils.config import compose
+
+    cfg = compose("train", [*resnet50_data(sizes), "paths.output_dir=unused"])
+    loader = build_datamodule(cfg).train_dataloader()
+    batches = iter(loader)
+    for _ in range(min(sizes.warmup_steps, 3)):
+        next(batches)
+    started, images = time.perf_counter(), 0
+    for _ in range(sizes.timed_steps):
+        images += len(next(batches)[0])
+    return images / (time.perf_counter() - started)
+
+
+def check_resnet50(sizes: Sizes, work: Path, peak_tflops: float | None) -> list[Check]:
+    started = time.perf_counter()
+    plain_rate, plain_flops = plain_loop(sizes)
+    timing = work / "resnet50_steps.json"
+    overrides = [*resnet50_data(sizes), f"trainer.accelerator={sizes.device}", f"trainer.precision={sizes.precision}",
+                 "trainer.channels_last=true", f"trainer.max_steps={sizes.warmup_steps + sizes.timed_steps}",
+                 "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+                 "+callbacks.step_timer._target_=gpu_check.StepTimer", f"+callbacks.step_timer.path={timing}",
+                 f"+callbacks.step_timer.warmup={sizes.warmup_steps}",
+                 f"+callbacks.step_timer.steps={sizes.timed_steps}"]
+    run, seconds, code = run_cvlab(overrides, work / "runs", work / "resnet50.log")
+    if code != 0 or not timing.is_file():
+        return [Check("resnet50 bf16 224px: cvlab train", None, "img/s", f">= {THROUGHPUT_GOAL} x plain", False,
+                      seconds, f"cvlab train failed (exit {code}); see {work / 'resnet50.log'}")]
+    measured = json.loads(timing.read_text())
+    cvlab_rate = measured["images"] / measured["seconds"]
+
+    from cvlab.models import create_model
+
+    cvlab_flops = training_flops_per_image(
+        lambda: create_model("resnet50", num_classes=sizes.num_classes, in_chans=3, image_size=sizes.image_size),
+        sizes.image_size)
+    loader_rate = data_loader_rate(sizes)
+    judged = sizes.device == "cuda"
+    ratio = cvlab_rate / plain_rate
+
+    def mfu(rate: float, flops: float) -> str:
+        return f"MFU {rate * flops / (peak_tflops * 1e12):.1%}" if peak_tflops else "MFU: peak unknown (--peak-tflops)"
+
+    elapsed = time.perf_counter() - started
+    return [
+        Check("resnet50 bf16 224px: plain PyTorch loop", plain_rate, "img/s", "", None, 0.0,
+              f"{mfu(plain_rate, plain_flops)}; {plain_flops / 1e9:.2f} GFLOP/img (fwd+bwd)"),
+        Check("resnet50 bf16 224px: cvlab train", cvlab_rate, "img/s", "", None, seconds,
+              f"{mfu(cvlab_rate, cvlab_flops)}; {cvlab_flops / 1e9:.2f} GFLOP/img; run {run}"),
+        Check("resnet50 throughput ratio cvlab / plain", ratio, "", f">= {THROUGHPUT_GOAL}",
+              ratio >= THROUGHPUT_GOAL if judged else None, elapsed,
+              f"cvlab's data loader alone: {loader_rate:.0f} img/s ({sizes.workers} workers)"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- parts 2 and 3
+def check_yolov3(sizes: Sizes, work: Path) -> Check:
+    overrides = ["model=yolov3", f"trainer.precision={sizes.precision}", f"data.num_workers={sizes.workers}",
+                 *sizes.yolo_overrides]
+    run, seconds, code = run_cvlab(overrides, work / "runs_yolov3", work / "yolov3.log")
+    metrics_file = run / "metrics.json" if run else None
+    if code != 0 or metrics_file is None or not metrics_file.is_file():
+        return Check("yolov3 shapes_det test mAP@0.5", None, "", f">= {MAP50_GOAL}", False, seconds,
+                     f"cvlab train failed (exit {code}); see {work / 'yolov3.log'}")
+    metrics = json.loads(metrics_file.read_text())
+    value = metrics.get("test/map_50")
+    judged = sizes.device == "cuda"
+    return Check("yolov3 shapes_det test mAP@0.5", value, "", f">= {MAP50_GOAL}",
+                 (value is not None and value >= MAP50_GOAL) if judged else None, seconds,
+                 f"val {metrics.get('val/map_50', float('nan')):.3f}, {metrics.get('epochs')} epochs, "
+                 f"training {metrics.get('train_time_s')} s; `cvlab train {' '.join(overrides)}`")
+
+
+def check_ddp(sizes: Sizes, work: Path) -> Check:
+    runs = work / "runs_ddp"
+    overrides = [*sizes.ddp, "model=resnet18", "data=digits"]
+    _, seconds, code = run_cvlab(overrides, runs, work / "ddp.log")
+    run_dirs = sorted({p.parent for p in runs.rglob(".hydra")})
+    metrics = sorted(runs.rglob("metrics.json"))
+    ok = code == 0 and len(run_dirs) == 1 and len(metrics) == 1
+    value = json.loads(metrics[0].read_text()).get("test/acc") if len(metrics) == 1 else None
+    return Check("DDP smoke: one run dir, one metrics.json", value, "test acc", "exit 0, 1 run, 1 metrics.json",
+                 ok, seconds, f"exit {code}, {len(run_dirs)} run dirs, {len(metrics)} metrics.json; "
+                              f"`cvlab train {' '.join(overrides)}`")
+
+
+# ---------------------------------------------------------------------------------------------- report
+def peak_of(device_name: str) -> float | None:
+    for name, peak in BF16_PEAK_TFLOPS.items():
+        if name in device_name:
+            return peak
+    return None
+
+
+def print_table(checks: list[Check], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("check", "value", "goal", "pass", "time", "note"):
+        table.add_column(column, justify="right" if column in ("value", "time") else "left")
+    for check in checks:
+        value = "-" if check.value is None else f"{check.value:,.3f}" if check.value < 10 else f"{check.value:,.0f}"
+        verdict = {True: "yes", False: "NO", None: "-"}[check.passed]
+        table.add_row(check.name, f"{value} {check.unit}".strip(), check.goal, verdict, f"{check.seconds:.0f} s",
+                      check.note)
+    Console(width=220).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Parts: resnet50 throughput (cvlab vs plain PyTorch, MFU), yolov3 "
+                                            "mAP@0.5 on shapes_det, DDP smoke test (more than one GPU).")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"),
+                        help="the json written (default: %(default)s)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the runs and their logs (default: runs/gpu_check/<time>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every part on the CPU at tiny sizes, to check the script (numbers not judged)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "yolov3", "ddp"], help="parts to skip")
+    parser.add_argument("--batch-size", type=int, default=None, help="resnet50 batch size (default 256)")
+    parser.add_argument("--steps", type=int, default=None, help="timed resnet50 steps (default 60, after 15 warm-up)")
+    parser.add_argument("--workers", type=int, default=None, help="data loader workers (default 8)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU (default: from its name, e.g. H100 989.4)")
+    parser.add_argument("--yolo-overrides", nargs="*", default=[],
+                        help="more overrides for the yolov3 run, e.g. model.anchors=auto")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); run it on a GPU machine, or "
+              "give --dry-run to check the script on the CPU.", file=sys.stderr)
+        return 2
+    sizes = Sizes.dry_run() if args.dry_run else Sizes()
+    for name, value in (("batch_size", args.batch_size), ("timed_steps", args.steps), ("workers", args.workers)):
+        if value is not None:
+            setattr(sizes, name, value)
+    sizes.yolo_overrides += args.yolo_overrides
+    device_name = torch.cuda.get_device_name(0) if sizes.device == "cuda" else "CPU (dry run)"
+    peak = args.peak_tflops or (peak_of(device_name) if sizes.device == "cuda" else None)
+    work = args.work or Path("runs") / "gpu_check" / time.strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()
+
+    started = time.perf_counter()
+    checks: list[Check] = []
+    if "resnet50" not in args.skip:
+        checks += check_resnet50(sizes, work, peak)
+    if "yolov3" not in args.skip:
+        checks.append(check_yolov3(sizes, work))
+    gpus = torch.cuda.device_count() if sizes.device == "cuda" else 0
+    if "ddp" not in args.skip and (gpus > 1 or args.dry_run):
+        checks.append(check_ddp(sizes, work))
+    total = time.perf_counter() - started
+
+    title = f"cvlab gpu_check on {device_name} ({gpus} GPU(s)), {total:.0f} s"
+    print_table(checks, title)
+    report = {"device": device_name, "gpus": gpus, "dry_run": args.dry_run, "seconds": round(total, 1),
+              "torch": torch.__version__, "sizes": asdict(sizes), "peak_bf16_tflops": peak, "work": str(work),
+              "checks": [asdict(check) for check in checks]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"json: {args.out}")
+    return 0 if all(check.passed is not False for check in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
