@@ -1,7 +1,9 @@
-"""`cvlab predict ckpt=PATH source=DIR|FILE [conf=0.25] [top_k=5]`: run a checkpoint on image files; write a drawn
-copy of every image and ``predictions.json`` into <run>/predict/<time>/.
+"""`cvlab predict ckpt=PATH source=DIR|FILE [conf=0.25] [top_k=5]`: run a checkpoint, or a model.onnx that
+`cvlab export` wrote (through onnxruntime, read with its sidecar json), on image files; write a drawn copy of every
+image and ``predictions.json`` into <run>/predict/<time>/.
 
-What is drawn and saved is the task's (:meth:`~cvlab.tasks.base.BaseTask.predict_images`): detection draws the boxes
+What is drawn and saved is the task's (:meth:`~cvlab.tasks.base.BaseTask.predict_images`, through the runner
+:func:`~cvlab.engine.export.open_runner` gives, so a checkpoint and its export share it): detection draws the boxes
 scoring above ``conf`` and saves them in the COCO results format, ``[{"image_id", "category_id", "bbox": [x, y, w,
 h] in original pixels, "score"}, ...]``; classification labels each image with its best class and saves the
 ``top_k`` classes with their probabilities. ``image_id`` is the file name's number (COCO's ``000000397133.jpg`` ->
@@ -18,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.engine import output_dir, quiet_lightning, restore_task, run_guarded, say_run_dir, write_json
+from cvlab.engine import open_runner, output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
 from cvlab.utils.console import console, metrics_table
 from cvlab.utils.errors import UserError
 from cvlab.utils.images import IMAGE_EXTENSIONS
@@ -53,21 +55,21 @@ def image_ids(paths: list[Path]) -> dict[Path, int]:
 
 def run_predict(cfg: DictConfig) -> tuple[dict, dict]:
     quiet_lightning()
-    task = restore_task(Path(str(cfg.ckpt)).expanduser())
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    runner = open_runner(Path(str(cfg.ckpt)).expanduser(), device)
     paths, root = find_images(Path(str(cfg.source)).expanduser())
     if not 0 <= cfg.conf < 1:
         raise UserError(f"conf is a score threshold in [0, 1), got {cfg.conf}")
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     say_run_dir(out, "start")
     settings = {"conf": cfg.conf, "top_k": cfg.top_k, "root": root, "image_ids": image_ids(paths)}
-    predictions, counts, counted, title = task.predict_images(paths, output_names(paths, root), out, settings, device)
+    predictions, counts, counted, title = runner.predict_images(paths, output_names(paths, root), out, settings)
     write_json(out / "predictions.json", predictions)
     console.print(metrics_table(dict(sorted(Counter(counts).items(), key=str)), title=title,
                                 columns=("class", counted)))
     say_run_dir(out, "end")
-    return {"images": len(paths), "predictions": len(predictions)}, {"task": task, "predictions": predictions}
+    return {"images": len(paths), "predictions": len(predictions)}, {"runner": runner, "predictions": predictions}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")

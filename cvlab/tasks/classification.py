@@ -93,7 +93,7 @@ class ClassificationTask(BaseTask):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(-1)
 
-    def _eval_transform(self):
+    def eval_transform(self):
         """The checkpoint's evaluation preprocessing, rebuilt from its data config."""
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
@@ -107,22 +107,22 @@ class ClassificationTask(BaseTask):
                             f"trained on ({error}); it is needed to prepare the images") from None
         return datamodule.val_set.transform
 
-    def predict_images(self, paths, names, out, settings, device):
+    @classmethod
+    def predict_images(cls, runner, paths, names, out, settings):
         """Top-k classes per image (``settings["top_k"]``) and a labelled copy of each."""
         from collections import Counter
 
         from cvlab.utils.images import open_image
 
-        class_names = self.class_names
-        mode = "L" if self.data_info.in_chans == 1 else "RGB"
-        transform = self._eval_transform()
-        self.to(device).eval()
+        class_names = list(runner.info.class_names)
+        mode = "L" if runner.info.in_chans == 1 else "RGB"
+        transform = runner.transform
         k = min(int(settings["top_k"]), len(class_names))
         results = []
         for path, name in zip(paths, names):
             image = open_image(path, mode)
             with torch.inference_mode():
-                probabilities = self.predict_step(transform(image)[None].to(device))[0].cpu()
+                probabilities = runner(transform(image)[None])[0].cpu()
             best = probabilities.topk(k)
             ranked = [{"label": int(label), "class": class_names[label], "probability": round(float(p), 5)}
                       for p, label in zip(best.values, best.indices)]

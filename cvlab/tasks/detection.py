@@ -119,10 +119,12 @@ class DetectionTask(BaseTask):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images)
 
-    def _coco_ids(self) -> tuple[list[int] | None, dict[str, int]]:
+    @staticmethod
+    def _coco_ids(data_cfg: dict | None, class_names: list[str]) -> tuple[list[int] | None, dict[str, int]]:
         """(category id of each class, image id of each file name) from the validation json of a COCO-folder
-        checkpoint; (None, {}) when the data was not COCO or its json is gone or names other classes."""
-        data_cfg = self.hparams.data or {}
+        checkpoint's data config; (None, {}) when the data was not COCO or its json is gone or names other
+        classes."""
+        data_cfg = data_cfg or {}
         if data_cfg.get("source") != "coco" or not data_cfg.get("root"):
             return None, {}
         split = data_cfg.get("val_split") or "val2017"
@@ -133,11 +135,12 @@ class DetectionTask(BaseTask):
             image_ids = {Path(image["file_name"]).name: int(image["id"]) for image in data["images"]}
         except (OSError, ValueError, KeyError, TypeError):
             return None, {}
-        if [c["name"] for c in categories] != self.class_names:
+        if [c["name"] for c in categories] != class_names:
             return None, {}
         return [int(c["id"]) for c in categories], image_ids
 
-    def predict_images(self, paths, names, out, settings, device):
+    @classmethod
+    def predict_images(cls, runner, paths, names, out, settings):
         """Draws every image's detections scoring above ``settings["conf"]``; returns them in the COCO results
         format (``bbox`` [x, y, w, h] in original pixels) and the number of boxes per class name.
 
@@ -151,19 +154,18 @@ class DetectionTask(BaseTask):
         from cvlab.utils.images import open_image
 
         conf = float(settings["conf"])
-        size, class_names = self.data_info.image_size, self.class_names
-        category_ids, known_ids = self._coco_ids()
-        self.to(device).eval()
-        if hasattr(self.model, "postprocess"):  # thresholding before NMS is faster; the filter below is the rule
-            self.model.postprocess.conf_thresh = conf
+        size, class_names = runner.info.image_size, list(runner.info.class_names)
+        category_ids, known_ids = cls._coco_ids(runner.data, class_names)
+        if runner.postprocess is not None:  # thresholding before NMS is faster; the filter below is the rule
+            runner.postprocess.conf_thresh = conf
         letterbox = Letterbox(size)
         results, counts = [], Counter()
         for path, name in zip(paths, names):
             pixels = pil_to_tensor(open_image(path, "RGB"))
             height, width = pixels.shape[-2:]
-            batch = to_dtype(letterbox(pixels), torch.float32, scale=True)[None].to(device)
+            batch = to_dtype(letterbox(pixels), torch.float32, scale=True)[None]
             with torch.inference_mode():
-                detections = self.predict_step(batch)[0]
+                detections = runner(batch)[0]
             keep = detections["scores"] > conf
             boxes = unletterbox_boxes(detections["boxes"][keep].float().cpu(), height, width, size)
             scores, labels = detections["scores"][keep].cpu(), detections["labels"][keep].cpu()
