@@ -139,6 +139,8 @@ def launch(command: str, config_name: str, entry: str, args: list[str], multirun
     elif config_name == "distill":
         overrides = distill_overrides(overrides)
     overrides = check(config_name, overrides).overrides
+    # Hydra hands jobs to a launcher only in a multirun: `cvlab train launcher=slurm` is a sweep of one job.
+    multirun = multirun or _choice(overrides, "launcher") not in (None, "local")
     if multirun and not {"-m", "--multirun"} & set(flags):
         flags.insert(0, "--multirun")
     module = importlib.import_module(f"cvlab.run.{entry}")
@@ -196,7 +198,8 @@ def predict(ctx: typer.Context) -> None:
     Writes runs/<task>/<model>/<time>/predict/<time>/: a drawn copy of each image (detection: boxes, classes,
     scores above conf; classification: the best class) and predictions.json (detection: COCO results format,
     boxes [x, y, w, h] in original pixels; classification: the top_k classes with probabilities).
-    Examples: cvlab predict ckpt=runs/detection/yolov3/<time>/weights/best.ckpt source=images/ conf=0.4
+    Examples: cvlab predict ckpt=runs/detection/yolov3/<time>/weights/best.ckpt source=images/ conf=0.4 |
+    cvlab predict ckpt=runs/.../weights/best.onnx source=images/  (an export, through onnxruntime and its sidecar)
     """
     from pathlib import Path
 
@@ -213,6 +216,21 @@ def predict(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings=PASS_THROUGH)
+def export(ctx: typer.Context) -> None:
+    """Export a checkpoint's network, checked against it: cvlab export ckpt=runs/.../weights/best.ckpt
+    [format=onnx|torchscript] [out=PATH] [images=4]
+
+    Writes the graph (default: weights/best.onnx or weights/best_torchscript.pt) and its sidecar json (input size,
+    normalisation, class names, outputs, box format), after running it (onnxruntime, or the reloaded TorchScript
+    module) on validation images beside the checkpoint: every output within 1e-4, boxes within 1e-3 px, else
+    exit 1 and nothing written. The onnx format needs pip install 'cvlab[export]'.
+    """
+    overrides = _split(ctx.args)[1]
+    _require_checkpoint("export", overrides)
+    run_here("export", overrides, "export")
+
+
+@app.command(context_settings=PASS_THROUGH)
 def sweep(ctx: typer.Context) -> None:
     """Grid over comma-separated options, then a leaderboard: cvlab sweep optimizer=sgd,adam norm=bn,gn
 
@@ -220,6 +238,64 @@ def sweep(ctx: typer.Context) -> None:
     """
     config = "distill" if _mentions_distill(_split(ctx.args)[1]) else "train"
     launch("sweep", config, config, ctx.args, multirun=True)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def study(ctx: typer.Context) -> None:
+    """Controlled comparison: every setting x seed, then mean ± std, Welch p-values and ranks.
+
+    cvlab study norm=bn,gn,sn seeds=5 [model=... data=... any train override]. Each comma-separated override is an
+    axis; every combination of their values (a setting) runs once per seed (seed, seed+1, ...) as its own
+    `cvlab train` run in runs/<task>/studies/<time>/<cell>/. Every cell has the same data split (data.seed, default
+    the first seed) and budget; the seed varies only the initialisation and the data order. Overrides of distill.*,
+    teacher or student study distillations: cvlab study distill.temperature=1,4 teacher=resnet50 student=mobilenetv2.
+
+    The end: one table (per setting: mean ± std of the main metric on val and of the test metrics, Welch's t-test
+    p-value against study.baseline=VALUE[/VALUE...] (default: the first setting), the rank by val), study.csv,
+    cells.csv and study.png (each seed, mean ± 95 % CI).
+
+    Resuming: the same command again continues the latest study with the same settings and overrides, skipping
+    its finished cells (a larger seeds=N adds cells); study.dir=runs/<task>/studies/<time> continues that study;
+    study.resume=false starts a new one.
+    """
+    from cvlab.run.study import run_study_command
+    from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+
+    flags, overrides = _split(ctx.args)
+    if flags:
+        fail(f"cvlab study takes overrides only (key=value), not {' '.join(flags)}; each cell is one cvlab train run.")
+    command = "distill" if _mentions_distill(overrides) else "train"
+    overrides = distill_overrides(overrides) if command == "distill" else complete_task(overrides, announce=True)
+    try:
+        run_study_command(command, overrides)
+    except UserError as error:
+        fail(str(error))
+
+
+@app.command(context_settings=PASS_THROUGH)
+def tune(ctx: typer.Context) -> None:
+    """Optuna search over any train settings, in Hydra's sweep grammar; resumable.
+
+    cvlab tune optimizer.lr="tag(log,interval(1e-4,1e-1))" optimizer.weight_decay="interval(0,0.1)"
+    optimizer=choice(adamw,sgd) tune.trials=20 [any train override]. interval(low,high) is searched as a float (an
+    int for an integer setting), tag(log,...) on a log scale; key=a,b,c, choice(...) and range(...) as categories.
+    tune.sampler=tpe|random|grid|cmaes; a median pruner stops trials behind at the same epoch (tune.pruner=none).
+
+    Writes runs/<task>/tunes/<time>/: study.db, one run per trial (<n>/), leaderboard.csv, best.yaml (cvlab train
+    --config-dir <tune dir> --config-name best), importance.png, tune.json. A killed search continues with
+    cvlab tune tune.dir=runs/<task>/tunes/<time> [tune.trials=N].
+    """
+    from cvlab.engine.tune import tune_overrides
+    from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+
+    flags, overrides = _split(ctx.args)
+    try:
+        overrides = tune_overrides(complete_task(overrides, announce=True))
+    except UserError as error:
+        fail(str(error))
+    launch("tune", "tune", "tune", [*flags, *overrides])
 
 
 @app.command(context_settings=PASS_THROUGH)

@@ -14,7 +14,8 @@ def test_help_is_fast_and_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "cvlab.cli", "--help"], capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     assert result.returncode == 0
-    for command in ("train", "eval", "sweep", "list", "info", "smoke", "distill", "predict", "anchors"):
+    for command in ("train", "eval", "sweep", "list", "info", "smoke", "distill", "predict", "anchors", "tune",
+                    "export", "study"):
         assert command in result.stdout
     assert elapsed < 1.0, f"cvlab --help took {elapsed:.2f}s"
 

@@ -275,12 +275,19 @@ class SplitDataModule(pl.LightningDataModule):
                             "(`cvlab list sampler`).")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.order_seed = seed
         self.loader_generator = torch.Generator().manual_seed(seed)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         # split -> the image files it holds, relative to data.root (set by read() for data read from files)
         self.files: dict[str, list[str]] = {}
+
+    def seed_order(self, seed: int) -> None:
+        """Draws the training order (the sampler, the training loader's generator) from ``seed``; the splits stay
+        those of ``self.seed`` (``data.seed``), so a run's seed can vary the order on a fixed split."""
+        self.order_seed = seed
+        self.loader_generator.manual_seed(seed)
 
     # ------------------------------------------------------------------------------------------ subclasses
     def read(self) -> None:
@@ -294,7 +301,7 @@ class SplitDataModule(pl.LightningDataModule):
         """The values of :attr:`sampler_inputs` for the training set."""
         info = self.describe()
         return {"num_samples": len(self.train_set), "num_classes": info.num_classes,
-                "class_counts": list(info.class_counts), "seed": self.seed}
+                "class_counts": list(info.class_counts), "seed": self.order_seed}
 
     def training_view(self) -> tuple[Dataset, bool]:
         """The dataset the training loader iterates, and whether its items change per epoch (it is then asked for
@@ -346,7 +353,7 @@ class SplitDataModule(pl.LightningDataModule):
         dataset, keyed_by_epoch = self.training_view()
         sampler = instantiate_plugin(self.sampler_config, **self.sampler_values())
         if sampler is None:
-            sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+            sampler = EpochShuffleSampler(len(self.train_set), self.order_seed)
         if keyed_by_epoch:
             sampler = EpochKeyedSampler(sampler)
         # A last batch of one sample would break BatchNorm; tiny sets keep every sample.

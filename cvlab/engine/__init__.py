@@ -10,10 +10,13 @@ from cvlab.engine.builders import (
     quiet_trainer,
 )
 from cvlab.engine.checkpoints import restore_task
+from cvlab.engine.export import ExportCheckFailed, export_checkpoint, open_runner
 from cvlab.engine.profiling import LATENCY_THREADS, LATENCY_WARMUP, cpu_profile, describe_model
 from cvlab.engine.runs import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
 from cvlab.engine.stages import Column, Stage, StageContext, StageResult, run_stages
+from cvlab.engine.study import CellFailed, cli_cell_runner, plan_study, run_study, study_directory
 from cvlab.engine.training import evaluate, evaluate_checkpoint, finish_run, run_train
+from cvlab.engine.tune import run_tune, tune_overrides
 from cvlab.models import list_models, model_task
 from cvlab.tasks import (
     anchors,  # the anchor tools `cvlab anchors` prints
@@ -27,5 +30,7 @@ __all__ = [
     "build_datamodule", "build_task", "build_trainer", "checkpoint_datamodule", "cpu_profile", "describe_model",
     "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "instantiate_dict", "list_models", "model_task",
     "output_dir", "quiet_lightning", "quiet_trainer", "restore_task", "run_guarded", "run_stages", "run_train",
-    "say_run_dir", "to_plain", "write_json",
+    "run_tune", "say_run_dir", "to_plain", "tune_overrides", "write_json",
+    "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study
+    "ExportCheckFailed", "export_checkpoint", "open_runner",  # cvlab export; cvlab predict of a checkpoint or export
 ]
