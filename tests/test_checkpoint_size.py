@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST
-from cvlab.callbacks.checkpoint import keep_weights_only
+from cvlab.callbacks.checkpoint import WEIGHTS_ONLY_KEYS, keep_weights_only
 from cvlab.engine import run_train
 from cvlab.utils.config import compose
 from cvlab.utils.errors import UserError
@@ -33,7 +33,7 @@ def finished(tmp_path_factory):
 def test_best_keeps_only_the_weights_and_what_restoring_needs(finished):
     run, _ = finished
     best, last = load(run / "weights" / "best.ckpt"), load(run / "weights" / "last.ckpt")
-    assert set(best) == {
+    assert set(best) == set(WEIGHTS_ONLY_KEYS) == {
         "state_dict", "hyper_parameters", "hparams_name", "cvlab_task", "epoch", "global_step",
         "pytorch-lightning_version", "best_score"}
     assert {"optimizer_states", "lr_schedulers", "loops", "callbacks"} <= set(last)

@@ -9,8 +9,8 @@
   main metric, ``weights/last.ckpt``) that refuses to save non-finite weights, never ranks a non-finite score
   as best, and keeps its best score and file when a resumed run's directory has moved.
 - :func:`keep_weights_only` rewrites a finished run's ``best.ckpt`` (atomically) with only what restoring the task
-  needs (:data:`RESUME_ONLY_KEYS` go: the optimizer state, AdamW's two moments being twice the weights, loops and
-  callback states), and the weights keep their dtype, so the stripped file scores exactly as the full one did.
+  needs (:data:`WEIGHTS_ONLY_KEYS`: the optimizer state, AdamW's two moments being twice the weights, loops and
+  callback states go), and the weights keep their dtype, so the stripped file scores exactly as the full one did.
   ``last.ckpt`` keeps everything a resume needs.
 """
 from __future__ import annotations
@@ -30,13 +30,13 @@ from cvlab.utils.errors import UserError
 from cvlab.utils.safety import read_checkpoint
 
 TEMPORARY_SUFFIX = ".tmp"
-# What only a resume needs, dropped from best.ckpt: the optimizer and scheduler states, the loops' progress, the
-# callbacks' states, and the mixed-precision loss scaler. Kept: the weights and buffers, the hyper-parameters (every
-# config group and the DataInfo), the registered task's name, epoch and step, Lightning's version (it migrates a
-# checkpoint by it when ``validate(ckpt_path=...)`` reads it), ``best_score``, and whatever a task records in
-# ``on_save_checkpoint`` (a distilled student: how it was taught).
-RESUME_ONLY_KEYS = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "native_amp_scaling_state",
-                    "MixedPrecision")
+# What a finished run's best.ckpt keeps: the weights and buffers, the task's hyper-parameters (every config group and
+# the DataInfo), the registered task's name, the epoch and step it was saved at, Lightning's version (Lightning
+# migrates a checkpoint by it when ``validate(ckpt_path=...)`` reads it), and ``best_score`` (the monitored metric);
+# plus what a task records for itself (``BaseTask.checkpoint_records``: a distilled student, how it was taught).
+# Optimizer, scheduler, loop, callback and datamodule states are a resume's.
+WEIGHTS_ONLY_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "cvlab_task", "epoch", "global_step",
+                     "pytorch-lightning_version", "best_score")
 
 
 def _temporary_beside(path: Path) -> Path:
@@ -85,17 +85,18 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     return stale
 
 
-def keep_weights_only(path: Path, monitor: str, mode: str, score) -> None:
-    """Rewrites the checkpoint ``path`` atomically without :data:`RESUME_ONLY_KEYS`, recording ``score`` of
-    ``monitor`` (``mode`` max or min) as ``best_score``. Tensors are stored as they are (no dtype change). A file that
-    holds none of those keys already (a resumed run whose best epoch came before the interruption) is left as it is,
-    and so is a remote one (Lightning's writer saved it)."""
+def keep_weights_only(path: Path, monitor: str, mode: str, score, records: tuple[str, ...] = ()) -> None:
+    """Rewrites the checkpoint ``path`` atomically with only :data:`WEIGHTS_ONLY_KEYS` and the task's ``records``,
+    recording ``score`` of ``monitor`` (``mode`` max or min) as ``best_score``. Tensors are stored as they are (no
+    dtype change). A file that holds only those keys already (a resumed run whose best epoch came before the
+    interruption) is left as it is, and so is a remote one (Lightning's writer saved it)."""
     if not _is_local_file_protocol(str(path)):
         return
     checkpoint = read_checkpoint(path)
-    if not set(checkpoint) & set(RESUME_ONLY_KEYS):
+    kept = (*WEIGHTS_ONLY_KEYS, *records)
+    if set(checkpoint) <= set(kept):
         return
-    stripped = {key: value for key, value in checkpoint.items() if key not in RESUME_ONLY_KEYS}
+    stripped = {key: checkpoint[key] for key in kept if key in checkpoint}
     stripped["best_score"] = {"monitor": monitor, "mode": mode, "score": None if score is None else float(score)}
     write_atomically(path, lambda file: torch.save(stripped, file))
 

@@ -71,7 +71,8 @@ def strip_best_checkpoint(trainer) -> None:
     if callback is None or not callback.monitor or not callback.best_model_path:
         return
     if trainer.is_global_zero:
-        keep_weights_only(Path(callback.best_model_path), callback.monitor, callback.mode, callback.best_model_score)
+        keep_weights_only(Path(callback.best_model_path), callback.monitor, callback.mode, callback.best_model_score,
+                          records=trainer.lightning_module.checkpoint_records)
     trainer.strategy.barrier("best checkpoint stripped")  # other ranks read it next
 
 

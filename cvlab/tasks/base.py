@@ -121,6 +121,8 @@ class BaseTask(pl.LightningModule):
     groups: ClassVar[tuple[str, ...]] = ("model", "optimizer", "scheduler", "loss", "norm", "activation", "attention",
                                          "init", "data")
     optimizer_groups: ClassVar[tuple[str, ...]] = ("optimizer",)
+    # Top-level checkpoint entries the task writes in on_save_checkpoint that a finished run's best.ckpt keeps.
+    checkpoint_records: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

@@ -171,6 +171,7 @@ class DistillationTask(ClassificationTask):
     """The student (``model``) learns from a frozen teacher; validation, metrics and checkpoints are the student's."""
 
     model_task = "classification"
+    checkpoint_records = ("distillation",)  # how the student was taught (on_save_checkpoint)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
