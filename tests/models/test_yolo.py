@@ -223,7 +223,9 @@ def reference():
 
 
 def _assert_same(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    # Float32 rounding through Darknet-53's 75 convolutions differs with the CPU's kernels (AVX2 vs AVX-512 oneDNN
+    # paths) by a few 1e-6; a wrong weight mapping or layer order differs by O(1).
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", yolo_reference.MODELS)
