@@ -246,6 +246,7 @@ def test_info_counts_a_detector_exactly(tmp_path):
     assert sum(row[1] for row in summary["stages"]) == summary["params"]
 
 
+@pytest.mark.slow  # a whole CLI run or several (make test-slow); the fast tests cover its parts
 def test_cli_trains_yolov3_on_a_zoo_backbone(cli, tmp_path):
     from cvlab.models import create_model
 

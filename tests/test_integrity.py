@@ -271,6 +271,7 @@ def test_the_uninterrupted_best_checkpoint_is_the_best_epoch(uninterrupted):
     assert full_metrics["val/acc"] == pytest.approx(max(scores), abs=1e-6)
 
 
+@pytest.mark.slow  # a whole CLI run or several (make test-slow); the fast tests cover its parts
 def test_cli_resume_continues_in_the_original_run_directory(tmp_path):
     # Compared with an uninterrupted run of the CLI too: a run inside pytest's process and one in a fresh process
     # differ in float rounding (measured: one of the 32 val images flips by epoch 3), resumed or not.

@@ -291,6 +291,7 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow  # a whole CLI run or several (make test-slow); the fast tests cover its parts
 def test_cli_study_runs_every_cell_and_reports_mean_std_p_and_rank(studied):
     _, directory, result = studied
     cells = ["norm-bn-seed42", "norm-bn-seed43", "norm-gn-seed42", "norm-gn-seed43"]
@@ -333,6 +334,7 @@ def test_cli_study_runs_every_cell_and_reports_mean_std_p_and_rank(studied):
     assert f"{means[0]:.4f} ± {float(rows['bn']['val/acc std']):.4f}" in bn_line and "baseline" in bn_line
 
 
+@pytest.mark.slow  # a whole CLI run or several (make test-slow); the fast tests cover its parts
 def test_every_cell_has_the_same_split_and_the_seeds_differ_in_their_weights(studied):
     from cvlab.engine import checkpoint_datamodule
     from cvlab.tasks.base import load_task
@@ -350,6 +352,7 @@ def test_every_cell_has_the_same_split_and_the_seeds_differ_in_their_weights(stu
     assert not torch.equal(first, second)
 
 
+@pytest.mark.slow  # a whole CLI run or several (make test-slow); the fast tests cover its parts
 def test_running_the_same_study_again_skips_every_cell(studied):
     cwd, directory, _ = studied
     logs = {log: log.stat().st_mtime_ns for log in directory.glob("*/cell.log")}

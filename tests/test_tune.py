@@ -195,6 +195,7 @@ def _study(tune_dir):
     return optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tune_dir / 'study.db'}")
 
 
+@pytest.mark.slow  # a whole CLI run or several (make test-slow); the fast tests cover its parts
 def test_a_tune_through_the_cli_writes_its_study_and_best_config_and_continues_after_a_kill(cli, tmp_path,
                                                                                             monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
