@@ -28,3 +28,19 @@ def test_info_on_the_embedded_default_uses_the_small_stem(cli):
     assert result.returncode == 0, result.stderr
     assert "11,172,810 parameters" in result.stdout  # 1 input channel, 10 classes, 3x3 stem
     assert "1x8x8" in result.stdout
+
+
+def test_attention_flops_are_counted_on_the_cpu():
+    # torch's counter has no formula for the CPU's fused attention kernel; describe_model runs the math backend.
+    from torch import nn
+
+    from cvlab.engine.profiling import describe_model
+
+    class Attention(nn.Module):
+        def forward(self, x):  # x: [1, C, H, W] -> 2 heads over H*W tokens of C/2 channels
+            tokens = x.flatten(2).transpose(1, 2).reshape(1, -1, 2, x.shape[1] // 2).transpose(1, 2)
+            return nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+
+    _, flops, _ = describe_model(Attention(), in_chans=8, image_size=4)
+    tokens, heads, head_dim = 16, 2, 4
+    assert flops == 2 * (2 * heads * tokens * tokens * head_dim)  # Q·Kᵀ and A·V, one multiply-add = 2

@@ -25,6 +25,7 @@ def shape_of(output) -> str:
 def describe_model(model: nn.Module, in_chans: int,
                    image_size: int) -> tuple[int, int, list[tuple[str, int, str, int]]]:
     """Returns (params, flops, rows of (stage, params, output shape, flops)) for one image in eval mode."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     model.eval()
@@ -47,7 +48,9 @@ def describe_model(model: nn.Module, in_chans: int,
     handles = []
     for name, child in model.named_children():
         handles += [child.register_forward_pre_hook(before(name)), child.register_forward_hook(after(name))]
-    with torch.no_grad(), counter:
+    # The counter has no formula for the CPU's fused attention kernel (it would count a ViT's attention as 0);
+    # the math backend runs the same attention as matmuls it counts.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         model(torch.zeros(1, in_chans, image_size, image_size))
     for handle in handles:
         handle.remove()
