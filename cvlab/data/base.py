@@ -1,10 +1,12 @@
-"""The data contract: :class:`DataInfo`, the detection dataset base, the seeded split cutter and the datamodule base
-every datamodule shares.
+"""The data contract: :class:`DataInfo`, the detection and segmentation dataset bases, the seeded split cutter and
+the datamodule base every datamodule shares.
 
 - :class:`DataInfo` is what a model and a task learn about the data (classes, channels, size, class counts), and
   what a checkpoint stores of it.
 - :class:`DetectionDataset` is the base of every detection dataset: the readers in ``data/detection.py``, the shape
   scenes in ``data/shapes.py`` and the multi-image wrappers in ``data/wrappers.py``.
+- :class:`SegmentationDataset` is the base of every segmentation dataset: the mask files of
+  ``data/segmentation.py`` and the shape scenes in ``data/shapes.py``.
 - :func:`cut_splits` cuts validation and test sets, seeded (and stratified by class when labels are given), for
   data whose files ship no such split.
 - :class:`SplitDataModule` holds the three splits and builds their loaders: each loader draws from its own
@@ -34,13 +36,15 @@ from cvlab.utils.errors import UserError
 from cvlab.utils.images import IMAGE_EXTENSIONS
 from cvlab.utils.plugins import instantiate_plugin, missing_arguments, plain_config
 
-__all__ = ["IMAGE_EXTENSIONS", "LETTERBOX_GREY", "Annotation", "DataInfo", "DetectionDataset", "DetectionSubset",
-           "SplitDataModule", "UNLABELED", "check_fractions", "cut_note", "cut_splits", "letterbox_geometry"]
+__all__ = ["IGNORE_INDEX", "IMAGE_EXTENSIONS", "LETTERBOX_GREY", "Annotation", "DataInfo", "DetectionDataset",
+           "DetectionSubset", "SegmentationDataset", "SplitDataModule", "UNLABELED", "check_fractions", "cut_note",
+           "cut_splits", "letterbox_geometry"]
 
 log = logging.getLogger(__name__)
 
 LETTERBOX_GREY = 114  # YOLO's padding value, on the 0..255 scale
 UNLABELED = -1  # the label of a training image whose label is withheld (semi-supervised distillation)
+IGNORE_INDEX = 255  # the mask value segmentation's losses and metrics skip, and the fill of padded mask pixels
 
 
 # ------------------------------------------------------------------------------------------------- DataInfo
@@ -242,6 +246,37 @@ class DetectionSubset(DetectionDataset):
 
     def annotation(self, index: int) -> Annotation:
         return self.dataset.annotation(self.indices[index])
+
+
+# ------------------------------------------------------------------------------------------------- segmentation
+class SegmentationDataset(Dataset):
+    """Base of every segmentation dataset: subclasses implement ``__len__`` and :meth:`load`.
+
+    Item (the segmentation contract): ``(Tensor[3, H, W] float in [0, 1], Tensor[H, W] int64)``, the mask holding
+    class indices ``0..num_classes - 1`` (0: background, a class like the others) and :data:`IGNORE_INDEX` where
+    the truth is unknown. ``transforms`` is a v2 transform called as ``transforms(image, mask)`` on a uint8
+    ``tv_tensors.Image`` and a uint8 ``tv_tensors.Mask``; the item is converted afterwards.
+    """
+
+    def __init__(self, class_names: Sequence[str], transforms: Callable | None = None):
+        self.class_names = tuple(class_names)
+        self.transforms = transforms
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        """``(uint8 Tensor[3, H, W], uint8 Tensor[H, W] class indices)``."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, mask = self.load(index)
+        image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
+        if self.transforms is not None:
+            image, mask = self.transforms(image, mask)
+        return (F.to_dtype(image, torch.float32, scale=True).as_subclass(Tensor),
+                mask.as_subclass(Tensor).to(torch.int64))
 
 
 # ------------------------------------------------------------------------------------------------- datamodule

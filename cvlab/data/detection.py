@@ -207,6 +207,28 @@ class _FileDetectionDataset(DetectionDataset):
         return Annotation(torch.from_numpy(record.boxes), torch.from_numpy(record.labels), record.height, record.width)
 
 
+def read_coco(ann_file: Path) -> tuple[list[dict], list[tuple[int, str, Any, Any]], list[dict]]:
+    """``(categories, images, annotations)`` of a COCO json: the categories sorted by id, each image as
+    ``(id, file_name, width, height)`` (width and height None when the json omits them), the annotations as they
+    are. A json that cannot be read, or two images of one id, raise :class:`~cvlab.utils.errors.UserError`."""
+    try:
+        data = json.loads(ann_file.read_text())
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        images = [(int(image["id"]), str(image["file_name"]), image.get("width"), image.get("height"))
+                  for image in data["images"]]
+        annotations = list(data.get("annotations", []))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot read COCO annotations {ann_file}: {error!r}; expected a json with "
+                        f"'images' (each with 'id' and 'file_name'), 'annotations' and 'categories'") from None
+    file_of_image: dict[int, str] = {}
+    for image_id, file_name, _, _ in images:
+        if image_id in file_of_image:
+            raise UserError(f"COCO annotations {ann_file}: image id {image_id} is used twice in 'images' "
+                            f"({file_of_image[image_id]!r} and {file_name!r}); every image needs its own id")
+        file_of_image[image_id] = file_name
+    return categories, images, annotations
+
+
 class CocoDataset(_FileDetectionDataset):
     """COCO json (``images``, ``annotations``, ``categories``) + the folder its ``file_name``\\ s are relative to.
 
@@ -221,24 +243,11 @@ class CocoDataset(_FileDetectionDataset):
                  transforms: Callable | None = None, max_image_pixels: int | None = None):
         folders = [Path(image_dir)] if isinstance(image_dir, (str, Path)) else [Path(d) for d in image_dir]
         ann_file = Path(ann_file)
-        try:
-            data = json.loads(ann_file.read_text())
-            categories = sorted(data["categories"], key=lambda c: c["id"])
-            images = [(int(image["id"]), str(image["file_name"]), image.get("width"), image.get("height"))
-                      for image in data["images"]]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(f"cannot read COCO annotations {ann_file}: {error!r}; expected a json with "
-                            f"'images' (each with 'id' and 'file_name'), 'annotations' and 'categories'") from None
-        file_of_image: dict[int, str] = {}
-        for image_id, file_name, _, _ in images:
-            if image_id in file_of_image:
-                raise UserError(f"COCO annotations {ann_file}: image id {image_id} is used twice in 'images' "
-                                f"({file_of_image[image_id]!r} and {file_name!r}); every image needs its own id")
-            file_of_image[image_id] = file_name
+        categories, images, annotations = read_coco(ann_file)
         label_of_category = {c["id"]: i for i, c in enumerate(categories)}
-        objects_of_image: dict[int, list[tuple[list[float], int]]] = {image_id: [] for image_id in file_of_image}
+        objects_of_image: dict[int, list[tuple[list[float], int]]] = {image[0]: [] for image in images}
         collected = _AnnotationCollector(max_image_pixels)
-        for ann in data.get("annotations", []):
+        for ann in annotations:
             source = f"{ann_file.name} annotation {ann.get('id')}"
             if ann.get("iscrowd", 0):
                 continue
@@ -261,6 +270,43 @@ class CocoDataset(_FileDetectionDataset):
             collected.add(f"{ann_file.name} image {file_name}", path, image_id, width, height,
                           objects_of_image[image_id])
         super().__init__(str(ann_file), [c["name"] for c in categories], collected, transforms)
+
+
+def coco_files(root: Path, splits: Sequence[str], ann: str | None = None
+               ) -> tuple[dict[str, tuple[Path, list[Path]]], dict[str, str], str | None]:
+    """Where a COCO folder keeps its json and images: ``(files, names, found)``.
+
+    ``files`` maps each split role (train, val, test) the folder ships to its json and the image folders its
+    ``file_name``\\ s are searched in, in order; ``names`` gives each role's split name in the files (``splits``:
+    the names of train, val and test). The splits are ``annotations/instances_<split>.json`` beside ``<split>/``,
+    ``images/<split>/`` or ``images/``. Without them, the one json in ``annotations/`` or in ``root`` (CVAT, Label
+    Studio, Roboflow exports), or ``ann`` (absolute or relative to ``root``), is the whole pool: ``files`` holds only
+    ``train``, named ``all``, and ``found`` says which json it is (None when the folder ships its splits).
+    """
+    if ann is None:
+        files, names = {}, {}
+        for role, split in zip(SPLITS, splits):
+            ann_file = root / "annotations" / f"instances_{split}.json"
+            image_dirs = [root / split, root / "images" / split, root / "images"]
+            if ann_file.is_file() and any(folder.is_dir() for folder in image_dirs):
+                files[role], names[role] = (ann_file, list(dict.fromkeys([*image_dirs, root]))), split
+        if "train" in files:
+            return files, names, None
+        candidates = sorted((root / "annotations").glob("*.json")) + sorted(root.glob("*.json"))
+        if len(candidates) != 1:
+            listed = f" ({', '.join(p.relative_to(root).as_posix() for p in candidates)})" if candidates else ""
+            raise UserError(f"{root} holds {len(candidates)} COCO json files{listed} and no "
+                            f"annotations/instances_{splits[0]}.json: name the one to read with "
+                            "data.ann=FILE, or the splits with data.train_split= / val_split= / test_split=")
+        ann_file = candidates[0]
+    else:
+        ann_file = Path(ann).expanduser()
+        ann_file = ann_file if ann_file.is_absolute() or not (root / ann_file).is_file() else root / ann_file
+        if not ann_file.is_file():
+            raise UserError(f"data.ann={ann}: no such file (absolute, or relative to data.root {root})")
+    found = f"one annotation file {Path(os.path.relpath(ann_file, root)).as_posix()}"
+    return ({"train": (ann_file, list(dict.fromkeys([root / "images", ann_file.parent, root])))}, {"train": "all"},
+            found)
 
 
 def _read_xml(path: Path) -> ET.Element:
@@ -752,39 +798,12 @@ class DetectionDataModule(SplitDataModule):
         base = root if root.is_dir() else root.parent
         return [Path(os.path.relpath(dataset.records[i].path, base)).as_posix() for i in indices]
 
-    def _given_file(self, root: Path, name: str) -> Path:
-        path = Path(name).expanduser()
-        path = path if path.is_absolute() or not (root / path).is_file() else root / path
-        if not path.is_file():
-            raise UserError(f"data.ann={name}: no such file (absolute, or relative to data.root {root})")
-        return path
-
     def _coco_layout(self, root: Path) -> _Layout:
         def opener(ann_file: Path, folders: list[Path]) -> Callable[[Callable | None], DetectionDataset]:
-            return lambda transforms: CocoDataset(list(dict.fromkeys(folders)), ann_file, transforms,
-                                                  self.max_image_pixels)
+            return lambda transforms: CocoDataset(folders, ann_file, transforms, self.max_image_pixels)
 
-        if self.ann is None:
-            openers, names = {}, {}
-            for role, split in zip(SPLITS, self.splits):
-                ann_file = root / "annotations" / f"instances_{split}.json"
-                image_dirs = [root / split, root / "images" / split, root / "images"]
-                if ann_file.is_file() and any(folder.is_dir() for folder in image_dirs):
-                    openers[role] = opener(ann_file, [*image_dirs, root])
-                    names[role] = split
-            if "train" in openers:
-                return _Layout(openers, names)
-            candidates = sorted((root / "annotations").glob("*.json")) + sorted(root.glob("*.json"))
-            if len(candidates) != 1:
-                listed = f" ({', '.join(p.relative_to(root).as_posix() for p in candidates)})" if candidates else ""
-                raise UserError(f"{root} holds {len(candidates)} COCO json files{listed} and no "
-                                f"annotations/instances_{self.splits[0]}.json: name the one to read with "
-                                "data.ann=FILE, or the splits with data.train_split= / val_split= / test_split=")
-            ann_file = candidates[0]
-        else:
-            ann_file = self._given_file(root, self.ann)
-        found = f"one annotation file {Path(os.path.relpath(ann_file, root)).as_posix()}"
-        return _Layout({"train": opener(ann_file, [root / "images", ann_file.parent, root])}, {"train": "all"}, found)
+        files, names, found = coco_files(root, self.splits, self.ann)
+        return _Layout({role: opener(*files[role]) for role in files}, names, found)
 
     def _voc_layout(self, root: Path) -> _Layout:
         if self.class_names is None:

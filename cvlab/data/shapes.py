@@ -34,9 +34,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from cvlab.data.base import Annotation, DetectionDataset
+from cvlab.data.base import Annotation, DetectionDataset, SegmentationDataset
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+# The classes of a scene's mask: 0 is the background, k + 1 the shape SHAPE_CLASSES[k].
+SHAPE_MASK_CLASSES: tuple[str, ...] = ("background", *SHAPE_CLASSES)
 
 _MAX_TILT_DEG = 15.0
 _MIN_VISIBLE_FRACTION = 0.6
@@ -288,3 +290,37 @@ class ShapesDetection(DetectionDataset):
     def annotation(self, index: int) -> Annotation:
         side = self.images.shape[-1]
         return Annotation(self.boxes[index], self.labels[index], side, side)
+
+
+class ShapesSegmentation(SegmentationDataset):
+    """Scenes of 1..4 shapes (by default) for semantic segmentation: the class maps of :func:`draw_scene`, in the
+    six classes of :data:`SHAPE_MASK_CLASSES` (background, then the shapes). Item as in the segmentation contract
+    ``(Tensor[3, size, size], Tensor[size, size] int64)``; the clutter lines are background.
+
+    The shapes span ``size / 4`` to ``size / 2`` (detection's scenes start at ``size / 6``): the thinnest part of
+    any shape, a cross's arm (a third of its extent), is then at least 8 px wide at 96 px, as wide as one cell of the
+    stride-8 map a segmentor's head predicts from. All scenes are drawn once, in ``__init__``; ``masks`` holds them
+    (uint8 ``Tensor[n, size, size]``).
+    """
+
+    def __init__(self, split: str = "train", n: int = 1500, size: int = 96, seed: int = 0,
+                 n_objects: tuple[int, int] = (1, 4), transforms: Callable | None = None):
+        super().__init__(SHAPE_MASK_CLASSES, transforms)
+        images = np.empty((n, size, size, 3), dtype=np.uint8)
+        masks = np.empty((n, size, size), dtype=np.uint8)
+        for i in range(n):
+            scene = draw_scene(_split_rng(seed, split, i), size, n_objects=tuple(n_objects), min_size=size / 4,
+                               max_size=size / 2)
+            images[i], masks[i] = np.asarray(scene.image), scene.mask
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        self.masks = torch.from_numpy(masks)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.masks[index]
+
+    def pixel_counts(self) -> list[int]:
+        """Pixels per class over the whole split."""
+        return torch.bincount(self.masks.flatten(), minlength=len(self.class_names)).tolist()
