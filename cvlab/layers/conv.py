@@ -15,10 +15,13 @@ from cvlab.layers.typing import ActFactory, NormFactory
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv2d (no bias when a norm follows) → norm → activation. ``groups=in_chs`` makes it depthwise.
+    """Conv2d → norm → activation. ``groups=in_chs`` makes it depthwise.
 
     ``norm_layer=None`` means BatchNorm2d; pass ``nn.Identity``-returning factory for no norm.
     ``act_layer=None`` means no activation (a linear bottleneck, as in MobileNetV2's projection).
+    ``padding=None`` keeps the size (at stride 1); ``padding=0`` is an unpadded ("valid") convolution.
+    ``bias``: False (the default: a norm follows), True, or None for a bias exactly when the norm is the identity
+    (mmcv's ``ConvModule(bias="auto")``), so a layout without norm keeps its paper's biases (UNet).
     """
 
     def __init__(
@@ -31,12 +34,18 @@ class ConvNormAct(nn.Sequential):
         dilation: int = 1,
         norm_layer: NormFactory | None = None,
         act_layer: ActFactory | None = None,
+        padding: int | None = None,
+        bias: bool | None = False,
     ):
         norm_layer = norm_layer or nn.BatchNorm2d
-        padding = dilation * (kernel_size - 1) // 2
+        if padding is None:
+            padding = dilation * (kernel_size - 1) // 2
+        norm = norm_layer(out_chs)
+        if bias is None:
+            bias = isinstance(norm, nn.Identity)
         super().__init__(
-            nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=False),
-            norm_layer(out_chs),
+            nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=bias),
+            norm,
             act_layer() if act_layer is not None else nn.Identity(),
         )
         self.out_chs = out_chs

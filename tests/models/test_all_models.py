@@ -10,6 +10,9 @@ from cvlab.utils.config import options, read_option
 
 CLASSIFIERS = list_models("classification")
 DETECTORS = list_models("detection")
+SEGMENTORS = list_models("segmentation")
+# Small CPU builds: the segmentors' defaults are the papers' (a 31 M-parameter UNet, DANet on ResNet-50).
+TINY_SEGMENTORS = {"unet": dict(width=0.125, padding="same"), "danet": dict(backbone="resnet18")}
 
 
 def test_model_configs_and_registry_name_each_other():
@@ -58,3 +61,28 @@ def test_detector_losses_backward_and_detections(name):
     for found in detections:
         assert found["boxes"].shape[1:] == (4,) and found["boxes"].shape[0] == found["scores"].shape[0]
         assert found["labels"].dtype == torch.int64 and (found["labels"] < 3).all()
+
+
+@pytest.mark.parametrize("name", SEGMENTORS)
+def test_segmentor_logits_aux_outputs_and_backward(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, in_chans=3, image_size=64, **TINY_SEGMENTORS.get(name, {}))
+    images = torch.rand(2, 3, 64, 64)
+    masks = torch.randint(0, 3, (2, 64, 64))
+    masks[0, :8] = 255  # ignored pixels
+    model.train()
+    outputs = model(images)
+    assert len(outputs["aux"]) == len(model.aux_weights)
+    for logits in (outputs["out"], *outputs["aux"]):
+        assert logits.shape == (2, 3, 64, 64)
+        assert torch.isfinite(logits).all()
+    loss = torch.nn.functional.cross_entropy(outputs["out"], masks, ignore_index=255)
+    loss = loss + sum(w * torch.nn.functional.cross_entropy(aux, masks, ignore_index=255)
+                      for w, aux in zip(model.aux_weights, outputs["aux"]))
+    loss.backward()
+    _assert_every_parameter_has_a_gradient(model)
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (2, 3, 64, 64)
+    assert torch.isfinite(logits).all()

@@ -97,6 +97,26 @@ def test_stem_choice(image_size, stem, small):
     assert model.conv1.kernel_size == ((3, 3) if small else (7, 7))
 
 
+def test_deep_stem():
+    """ResNet-C (MMSegmentation's ResNetV1c): 3×3 convs 3→32 (stride 2), 32→32, 32→64 in conv1, then bn1 / act1 /
+    max-pool; 19,232 parameters more than the 7×7 stem, same stages and reductions at every image size."""
+    with torch.device("meta"):
+        deep = resnet50(stem="deep", image_size=32)  # no small-stem rule: the deep stem is asked for by name
+    convs = [m for m in deep.conv1 if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 32, (3, 3), (2, 2)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+    assert count(deep.conv1, nn.BatchNorm2d) == 2 and isinstance(deep.maxpool, nn.MaxPool2d)
+    assert n_params(deep) == PARAMS["resnet50"] + 19_232 == 25_576_264
+    assert [info["reduction"] for info in deep.feature_info] == [2, 4, 8, 16, 32]
+    features = create_model("resnet18", features_only=True, stem="deep", norm_layer=lambda c: nn.GroupNorm(4, c))
+    assert count(features.conv1, nn.GroupNorm) == 2
+    outputs = features(torch.randn(1, 3, 64, 64))
+    assert [tuple(o.shape[1:]) for o in outputs] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4),
+                                                     (512, 2, 2)]
+    with pytest.raises(ValueError, match="'deep'"):
+        resnet18(stem="deeper")
+
+
 @pytest.mark.parametrize("image_size, output_stride, feature_size",
                          [(224, 32, 7), (224, 8, 28), (8, 32, 1), (32, 32, 4)])
 def test_gdc_head_param_count(image_size, output_stride, feature_size):

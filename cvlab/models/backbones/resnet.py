@@ -10,7 +10,9 @@ first 1×1), and the module names are torchvision's (``conv1``/``bn1``/``layer1`
 ``conv1``, ``bn1``, ``conv2``, ``bn2``, (``conv3``, ``bn3``), ``downsample``), so a torchvision ``state_dict`` loads
 unchanged. ``bn*`` keep their names even when ``norm_layer`` makes them another norm.
 
-cvlab's additions on top of the papers: a small-image stem, dilated (atrous) stages for ``output_stride`` 16/8 with
+cvlab's additions on top of the papers: a small-image stem, the deep stem of He et al. 2019, "Bag of Tricks for
+Image Classification with Convolutional Neural Networks" (ResNet-C: three 3×3 convs in place of the 7×7, timm's
+``stem_type="deep"`` and MMSegmentation's ResNetV1c layout), dilated (atrous) stages for ``output_stride`` 16/8 with
 torchvision's ``replace_stride_with_dilation`` semantics, a GDC classifier head, and pluggable norm / activation /
 attention.
 """
@@ -29,10 +31,22 @@ from cvlab.models.backbones.features import Backbone, FeatureInfo
 
 # Which of layer2, layer3, layer4 trade their stride for dilation, per output stride.
 _DILATED_LAYERS = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
+_STEMS = ("auto", "standard", "small", "deep")
 
 
 def _attn_or_identity(attn_layer: AttnFactory | None, chs: int) -> nn.Module:
     return attn_layer(chs) if attn_layer is not None else nn.Identity()
+
+
+def _deep_stem(in_chans: int, out_chs: int, norm_layer: NormFactory, act_layer: ActFactory) -> nn.Sequential:
+    """ResNet-C's ``conv1``: 3×3 convs in → out/2 (stride 2) → out/2 → out; the first two followed by norm and
+    activation, the last by the ResNet's own ``bn1`` / ``act1`` (timm's layout: keys ``conv1.0`` .. ``conv1.6``)."""
+    half = out_chs // 2
+    return nn.Sequential(
+        nn.Conv2d(in_chans, half, 3, 2, 1, bias=False), norm_layer(half), act_layer(),
+        nn.Conv2d(half, half, 3, 1, 1, bias=False), norm_layer(half), act_layer(),
+        nn.Conv2d(half, out_chs, 3, 1, 1, bias=False),
+    )
 
 
 class BasicBlock(nn.Module):
@@ -184,7 +198,10 @@ class ResNet(Backbone):
 
     Args:
         stem: ``"standard"`` (7×7 stride-2 conv + 3×3 stride-2 max-pool, stride 4), ``"small"`` (3×3 stride-1 conv,
-            no pool: for 8–64 px inputs) or ``"auto"`` (small when ``image_size <= 64``).
+            no pool: for 8–64 px inputs), ``"auto"`` (small when ``image_size <= 64``) or ``"deep"`` (ResNet-C:
+            3×3 convs to 32 (stride 2), 32, 64 channels, each but the last followed by norm + activation, then
+            ``bn1`` / ``act1`` / max-pool as in the standard stem; stride 4, +19,232 parameters at 3 input channels:
+            resnet50 25,576,264; timm's ``resnet50d`` has this stem, and its average-pool shortcuts add none).
         output_stride: 32, or 16 / 8 to replace the stride of layer4 / layers 3 and 4 by dilation (same weights,
             larger feature map; for segmentation).
         head: ``"gap"`` (global average pool) or ``"gdc"`` (global depthwise conv sized from ``image_size``).
@@ -228,10 +245,15 @@ class ResNet(Backbone):
         )
 
         stem_chs = 64
-        small = use_small_stem(stem, image_size)
+        if stem not in _STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(map(repr, _STEMS))}")
+        small = stem != "deep" and use_small_stem(stem, image_size)
         # Registered in forward order (conv1, bn1, act1, maxpool, layer1..4): the feature runner follows it.
         kernel, stride = (3, 1) if small else (7, 2)
-        self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel, stride, kernel // 2, bias=False)
+        if stem == "deep":
+            self.conv1 = _deep_stem(in_chans, stem_chs, norm_layer, act_layer)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel, stride, kernel // 2, bias=False)
         self.bn1 = norm_layer(stem_chs)
         self.act1 = act_layer()
         self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
