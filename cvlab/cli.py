@@ -196,8 +196,10 @@ def predict(ctx: typer.Context) -> None:
     """Run a checkpoint on images: cvlab predict ckpt=runs/.../weights/best.ckpt source=DIR|FILE [conf=0.25]
 
     Writes runs/<task>/<model>/<time>/predict/<time>/: a drawn copy of each image (detection: boxes, classes,
-    scores above conf; classification: the best class) and predictions.json (detection: COCO results format,
-    boxes [x, y, w, h] in original pixels; classification: the top_k classes with probabilities).
+    scores above conf; classification: the best class; segmentation: the class mask over it, and masks/: palette
+    PNGs of class indices at the image's size) and predictions.json (detection: COCO results format, boxes
+    [x, y, w, h] in original pixels; classification: the top_k classes with probabilities; segmentation: each
+    class's share of the pixels).
     Examples: cvlab predict ckpt=runs/detection/yolov3/<time>/weights/best.ckpt source=images/ conf=0.4 |
     cvlab predict ckpt=runs/.../weights/best.onnx source=images/  (an export, through onnxruntime and its sidecar)
     """
@@ -313,6 +315,7 @@ def list_options(
     group: Optional[str] = typer.Argument(None, help="a config group, e.g. model; all groups if omitted"),
 ) -> None:
     """Every option of every config group (or of one group), with a one-line description."""
+    from rich.markup import escape
     from rich.table import Table
 
     from cvlab.utils import config
@@ -326,7 +329,7 @@ def list_options(
         table.add_column("option", style="cyan")
         table.add_column("description")
         for option in config.options(name):
-            table.add_row(option, config.describe(name, option))
+            table.add_row(option, escape(config.describe(name, option)))  # a yaml comment is text, not markup
         console.print(table)
 
 

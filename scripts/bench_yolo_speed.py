@@ -50,14 +50,16 @@ def count(name: str, image_size: int, num_classes: int) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
 
 
-def images_per_second(model: torch.nn.Module, batch: int, image_size: int, repeats: int, min_time: float) -> dict:
-    images = torch.rand(batch, 3, image_size, image_size)
+def images_per_second(forward, batch: int, image_size: int | tuple[int, int], repeats: int, min_time: float) -> dict:
+    """Timed passes of ``forward(images)`` on a random batch (square ``image_size`` or ``(height, width)``)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    images = torch.rand(batch, 3, height, width)
     times: list[float] = []
     with torch.inference_mode():
-        model.forward_raw(images)  # warm-up: first-call allocations and kernel selection
+        forward(images)  # warm-up: first-call allocations and kernel selection
         while len(times) < repeats or sum(times) < min_time:
             started = time.perf_counter()
-            model.forward_raw(images)
+            forward(images)
             times.append(time.perf_counter() - started)
     median, best = statistics.median(times), min(times)
     return {"images_per_s": batch / median, "images_per_s_best": batch / best, "median_pass_s": median,
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         params, flops = count(name, image_size, num_classes)
         torch.manual_seed(0)
         model = create_model(name, num_classes=num_classes, image_size=image_size).eval()
-        speeds = {batch: images_per_second(model, batch, image_size, args.repeats, args.min_time)
+        speeds = {batch: images_per_second(model.forward_raw, batch, image_size, args.repeats, args.min_time)
                   for batch in args.batch_sizes}
         rows.append({"model": name, "image_size": image_size, "num_classes": num_classes, "params": params,
                      "gflops": flops / 1e9, "batch": speeds})

@@ -103,6 +103,12 @@ def test_list_describes_every_option(cli):
     assert "Nesterov" in result.stdout and "decoupled weight decay" in result.stdout
 
 
+def test_list_prints_descriptions_as_written(cli):
+    result = cli("list", "data")  # coco.yaml's description holds "[/test2017]", which rich would read as markup
+    assert result.returncode == 0, result.stderr
+    assert "train2017/val2017[/test2017]" in result.stdout.replace("\n", "")
+
+
 def test_cfg_job_passes_through_to_hydra(cli):
     result = cli("train", "model=resnet34", "optimizer=nesterov", "--cfg", "job")
     assert result.returncode == 0, result.stderr

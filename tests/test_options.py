@@ -101,12 +101,16 @@ def test_every_option_of_the_other_groups_composes_and_takes_effect(group, tmp_p
     monkeypatch.setattr("cvlab.utils.validate.cuda_devices", lambda: 8)
     for option in options(group):
         overrides = [f"{group}={option}"]
-        if group == "data" and option in ("imagefolder", "coco", "voc", "yolo"):
+        if group == "data" and option in ("imagefolder", "coco", "voc", "yolo", "masks", "voc_seg", "coco_seg"):
             overrides.append(f"data.root={tmp_path}")  # a folder that exists (nothing is read when checking)
-        if group == "data" and read_option("data", option)["defaults"][0].startswith("base/detection"):
+        base = read_option("data", option)["defaults"][0] if group == "data" else ""
+        if base.startswith("base/detection"):
             overrides.append("model=yolov3_tiny")  # detection data needs a detection model (and its task)
+        if base.startswith("base/segmentation"):
+            overrides.append("model=bisenet")
         if group == "task":
-            overrides.append("data=" + {"classification": "digits", "detection": "shapes_det"}.get(option, "digits"))
+            overrides.append("data=" + {"classification": "digits", "detection": "shapes_det",
+                                        "segmentation": "shapes_seg"}.get(option, "digits"))
         cfg = check_overrides("train", complete_task(overrides))
         composed = _compose_with_choices(overrides)
         assert composed.hydra.runtime.choices[group] == option

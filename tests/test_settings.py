@@ -23,6 +23,7 @@ from cvlab.tasks.base import EXECUTION_KEYS, MODEL_META_KEYS, build_model
 from cvlab.utils.config import check, compose, option_keys, options
 from cvlab.utils.errors import UserError
 from detection_files import shape_scenes, write_coco, write_voc, write_yolo
+from segmentation_files import coco_scene, write_coco_seg, write_masks_folder, write_voc_seg
 from test_fuzz import refusal
 
 # The keys Hydra reads itself; an option fixes them.
@@ -95,19 +96,44 @@ def roots(tmp_path_factory) -> dict[str, Path]:
         write_yolo(base / f"yolo{suffix}", "train", chosen)
         made.update({f"{source}{suffix}": base / f"{source}{suffix}" for source in ("coco", "voc", "yolo")})
     made["torchvision"], made["torchvision_other"] = base / "tv", base / "tv_other"
+    made.update(_segmentation_roots(base))
     return made
+
+
+def _segmentation_roots(base: Path) -> dict[str, Path]:
+    """A masks folder, a VOC SegmentationClass folder and a COCO json per segmentation source, and a second one each
+    (other image counts). VOC and COCO ship a train split only, so val and test are cut and the fractions act."""
+    write_masks_folder(base / "masks")
+    write_masks_folder(base / "masks_other", count=12)
+    for name, kept in (("voc_seg", 6), ("voc_seg_other", 5)):
+        write_voc_seg(base / name)
+        splits = base / name / "VOC2012" / "ImageSets" / "Segmentation"
+        (splits / "val.txt").unlink()
+        stems = (splits / "train.txt").read_text().split()[:kept]
+        (splits / "train.txt").write_text("".join(f"{stem}\n" for stem in stems))
+    annotations, _ = coco_scene(16, 16)
+    categories = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}, {"id": 9, "name": "cow"}]
+    for name, count in (("coco_seg", 6), ("coco_seg_other", 8)):
+        images = [{"id": k, "file_name": f"{k}.png", "width": 16, "height": 16} for k in range(count)]
+        write_coco_seg(base / name, "annotations/instances_train2017.json", images,
+                       [{**a, "image_id": 0} for a in annotations], "train2017", categories)
+    return {name: base / name for name in ("masks", "masks_other", "voc_seg", "voc_seg_other", "coco_seg",
+                                           "coco_seg_other")}
 
 
 # The overrides each data option is walked from: small sizes, no workers, files written above.
 def _baseline(option: str, roots: dict[str, Path]) -> list[str]:
     small = {"shapes": ["data.train_size=20", "data.val_size=10"],
              "synthetic": ["data.train_size=12", "data.val_size=6", "data.image_size=16", "data.num_classes=3"],
-             "shapes_det": ["data.train_size=6", "data.val_size=3"]}
+             "shapes_det": ["data.train_size=6", "data.val_size=3"],
+             "shapes_seg": ["data.train_size=6", "data.val_size=3"]}
     root = roots.get(option, roots["torchvision"] if option in ("cifar10", "cifar100", "mnist", "fashion_mnist")
                      else None)
     files = [f"data.root={root}"] if root is not None else []
     detection = ["model=yolov3_tiny", "data.image_size=32"] if option in ("coco", "voc", "yolo", "shapes_det") else []
-    return ["data.num_workers=0", *small.get(option, []), *files, *detection, f"data={option}"]
+    segmentation = (["model=bisenet", "data.image_size=16"] if option in ("masks", "voc_seg", "coco_seg", "shapes_seg")
+                    else [])
+    return ["data.num_workers=0", *small.get(option, []), *files, *detection, *segmentation, f"data={option}"]
 
 
 def _alternative(option: str, key: str, value, roots: dict[str, Path]):
@@ -116,7 +142,7 @@ def _alternative(option: str, key: str, value, roots: dict[str, Path]):
         return roots["torchvision_other" if option not in roots else f"{option}_other"]
     if key == "class_names":
         return list(reversed(SHAPE_CLASSES))
-    shipped = "train2017" if option == "coco" else "train"  # the one split the files of roots() ship
+    shipped = "train2017" if option in ("coco", "coco_seg") else "train"  # the one split the files of roots() ship
     table = {
         "name": lambda: "renamed", "source": lambda: "shapes" if option != "shapes" else "digits",
         "batch_size": lambda: 4 if value != 4 else 8, "num_workers": lambda: 1 if value == 0 else 0,
@@ -230,9 +256,12 @@ def _model_alternative(model: str, key: str, value):
     if key == "anchors":  # each YOLO's own count of anchors, in pixels
         count = {"yolov2": 5, "yolov2_tiny": 5, "yolov3": 9, "yolov3_tiny": 6}[model]
         return [[8.0 * (i + 1), 6.0 * (i + 1)] for i in range(count)]
-    table = {"stem": "standard", "output_stride": 16, "head": "gdc", "drop_rate": 0.35, "zero_init_residual": True,
-             "width_mult": 0.5, "patch_size": 4, "attn_drop_rate": 0.1, "width": 0.5, "conf_thresh": 0.01,
-             "iou_thresh": 0.5, "max_det": 50, "backbone": "resnet18", "bn_momentum": 0.05 if value != 0.05 else 0.2}
+    table = {"stem": "standard" if value != "standard" else "small", "output_stride": 16, "head": "gdc",
+             "drop_rate": 0.35, "zero_init_residual": True, "width_mult": 0.5, "patch_size": 4, "attn_drop_rate": 0.1,
+             "width": 0.5, "conf_thresh": 0.01, "iou_thresh": 0.5, "max_det": 50,
+             "backbone": "resnet18" if value != "resnet18" else "resnet34",
+             "bn_momentum": 0.05 if value != 0.05 else 0.2, "padding": "valid" if value != "valid" else "same",
+             "aux_heads": not value, "aux_head": not value, "aux_weights": [0.5, 2.0], "aux_weight": 0.2}
     assert key in table, f"model key {key!r} has no alternative value in this test: add one"
     assert table[key] != value, (model, key)
     return table[key]
@@ -265,7 +294,7 @@ def _build(model_cfg: dict, values: bool) -> tuple:
 
 # The smallest model of each family; the others share their family's keys (checked below) and walk in the slow run.
 FAMILY_REPRESENTATIVES = ("darknet19", "mobilenetv3_small", "resnet18", "vit_tiny", "yolov1_tiny", "yolov2_tiny",
-                          "yolov3_tiny")
+                          "yolov3_tiny", "unet", "bisenet", "danet")
 
 
 def _model_keys(model: str) -> set[str]:

@@ -14,6 +14,8 @@ What is exported
 Graph outputs
     =============== ==========================================================================================
     classification  ``logits`` Tensor[N, C]; their softmax is the probabilities `cvlab predict` reports
+    segmentation    ``logits`` Tensor[N, C, S, S], per-pixel class logits at the input size; `cvlab predict` resizes
+                    them to the original image (bilinear) and takes the arg-max over C: the class mask
     detection       ``boxes`` Tensor[N, P, 4] xyxy in absolute pixels of the letterboxed input (clipped to it)
                     and ``scores`` Tensor[N, P, C] (objectness x class probability) over all P prediction slots, then
                     ``raw_0, raw_1, ...``: the head's raw outputs (the detector's ``forward_raw``) that boxes and
@@ -25,8 +27,9 @@ Graph outputs
 
 The sidecar (``<export name>.json`` beside the graph, :func:`sidecar_path`) holds the task, the model, the input
 (name, shape, channels, colour mode, image size), the preprocessing (each step, and mean/std), the class names, every
-output's name, shape and meaning, and for detection the box format, how to undo the letterbox and the NMS
-thresholds; also the check's figures. It gives a graph what a checkpoint's hyper-parameters give its task.
+output's name, shape and meaning, for detection the box format, how to undo the letterbox and the NMS thresholds,
+for segmentation the mask palette and the ignore index; also the check's figures. It gives a graph what a
+checkpoint's hyper-parameters give its task.
 
 The check
     Each export is run (onnxruntime on the CPU, or the saved TorchScript module reloaded) on real images, the first
@@ -142,7 +145,7 @@ def _batched(shape: torch.Size) -> list:
 
 # ---------------------------------------------------------------------------------------------------- preprocessing
 def describe_transform(transform) -> list[dict]:
-    """The steps of a classification checkpoint's evaluation transform (a v2.Compose) as json, which
+    """The steps of a classification or segmentation checkpoint's evaluation transform (a v2.Compose) as json, which
     :func:`build_transform` rebuilds exactly; a UserError for a step the sidecar cannot describe."""
     from torchvision.transforms import v2
 
@@ -159,6 +162,8 @@ def describe_transform(transform) -> list[dict]:
         elif isinstance(step, v2.Normalize):
             steps.append({"op": "normalize", "mean": list(map(float, step.mean)), "std": list(map(float, step.std)),
                           "does": "(x - mean) / std per channel"})
+        elif isinstance(step, v2.ToPureTensor):
+            steps.append({"op": "to_pure_tensor", "does": "a plain Tensor (no tv_tensors type): the values unchanged"})
         else:
             raise UserError(f"the checkpoint's evaluation preprocessing has a {type(step).__name__} step, which an "
                             "export sidecar cannot describe yet.")
@@ -181,6 +186,8 @@ def build_transform(steps: list[dict]):
                                    antialias=bool(step["antialias"])))
         elif op == "normalize":
             built.append(v2.Normalize([float(v) for v in step["mean"]], [float(v) for v in step["std"]]))
+        elif op == "to_pure_tensor":
+            built.append(v2.ToPureTensor())
         else:
             raise UserError(f"unknown preprocessing step {op!r} in the sidecar.")
     return v2.Compose(built)
@@ -333,7 +340,7 @@ def export_checkpoint(ckpt: Path, fmt: str = "onnx", out: str | None = None, ima
     info, task_name = task.data_info, task.model_task or task.name
     network = task.model.eval()
     detector = is_detector(network)
-    if not detector and task_name != "classification":
+    if not detector and task_name not in ("classification", "segmentation"):
         raise UserError(f"cvlab export does not support {task_name} networks ({type(network).__name__}) yet.")
     module = DecodedDetector(network, info.image_size).eval() if detector else network
     batches = {len(batch): batch, 1: batch[:1]}
@@ -385,11 +392,16 @@ def _sidecar(task: BaseTask, task_name: str, network: nn.Module, path: Path, fmt
             meanings[name] = (f"the head's raw output {name[4:]} (the detector's forward_raw, before decoding; "
                               f"see {type(network).__module__}.{type(network).__name__})")
     else:
-        steps = describe_transform(datamodule.val_set.transform)
+        # A segmentation set's val_set transforms image and mask together: the image's own preprocessing is the task's.
+        steps = describe_transform(task.eval_transform() if task_name == "segmentation"
+                                   else datamodule.val_set.transform)
         normalize = next((step for step in steps if step["op"] == "normalize"), {"mean": [0.0] * channels,
                                                                                  "std": [1.0] * channels})
         preprocess = {"steps": steps, "mean": normalize["mean"], "std": normalize["std"]}
         meanings = {"logits": "class logits; their softmax over the last axis is the class probabilities"}
+        if task_name == "segmentation":
+            meanings = {"logits": "per-pixel class logits at the input size; resized to an original h x w image "
+                                  "(bilinear, align_corners=False), their arg-max over axis 1 is its class mask"}
     sidecar: dict[str, Any] = {
         "cvlab_export": SIDECAR_VERSION,
         "format": fmt,
@@ -425,6 +437,14 @@ def _sidecar(task: BaseTask, task_name: str, network: nn.Module, path: Path, fmt
                     "iou_thresh, the max_det best (cvlab.ops.postprocess.select_detections); cvlab predict sets "
                     "conf_thresh to its conf=",
         }
+    if task_name == "segmentation":
+        sidecar["segmentation"] = {
+            "mask": "class indices 0..num_classes - 1 (class_names order; 0 is a class like the others)",
+            "palette": [list(colour) for colour in info.palette] if info.palette is not None else None,
+            "ignore_index": info.ignore_index,
+            "does": "cvlab predict writes the mask as a palette PNG whose pixel values are the class indices, in "
+                    "these colours; ignore_index marks unlabelled pixels of the training masks, never predicted",
+        }
     return sidecar
 
 
@@ -434,10 +454,11 @@ class CheckpointRunner:
 
     The runner interface, which a task's ``predict_images`` draws through (:class:`GraphRunner` has it too):
     ``task_name`` (the registered task whose ``predict_images`` applies), ``info`` (DataInfo), ``data`` (the data
-    config trained on, or None), ``transform`` (classification: the evaluation preprocessing of a PIL image),
+    config trained on, or None), ``transform`` (classification: the evaluation preprocessing of a PIL image;
+    segmentation: of a uint8 image tensor),
     ``postprocess`` (detection: the DetectionPostprocess whose ``conf_thresh`` predict sets, else None) and
-    ``runner(batch Tensor[N, C, H, W]) -> predict_step's output`` (probabilities Tensor[N, C], or one
-    dict(boxes, scores, labels) per image)."""
+    ``runner(batch Tensor[N, C, H, W]) -> predict_step's output`` (probabilities Tensor[N, C], one
+    dict(boxes, scores, labels) per image, or per-pixel logits Tensor[N, C, H, W])."""
 
     def __init__(self, task: BaseTask, device: torch.device):
         self.task = task.to(device).eval()
@@ -461,8 +482,8 @@ class CheckpointRunner:
 class GraphRunner:
     """`cvlab predict` through an exported ONNX graph and its sidecar (onnxruntime); the same interface as
     :class:`CheckpointRunner`, the graph's outputs finished as the task's ``predict_step`` finishes the network's:
-    a softmax of the logits, or the NMS of the decoded boxes (:class:`DetectionPostprocess` with the sidecar's
-    thresholds)."""
+    a softmax of the logits, the NMS of the decoded boxes (:class:`DetectionPostprocess` with the sidecar's
+    thresholds), or a segmentor's logits as they are."""
 
     def __init__(self, path: Path, device: torch.device):
         require_export_extra("predict with an ONNX model", ("onnxruntime",))
@@ -480,7 +501,7 @@ class GraphRunner:
         if self.postprocess is not None:
             size = self.info.image_size
             return self.postprocess(outputs[0], outputs[1], (size, size))
-        return outputs[0].softmax(-1)
+        return outputs[0] if self.task_name == "segmentation" else outputs[0].softmax(-1)
 
     def predict_images(self, paths, names, out, settings):
         return task_class(self.task_name).predict_images(self, paths, names, out, settings)

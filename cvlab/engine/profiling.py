@@ -23,8 +23,9 @@ def shape_of(output) -> str:
 
 
 def describe_model(model: nn.Module, in_chans: int,
-                   image_size: int) -> tuple[int, int, list[tuple[str, int, str, int]]]:
-    """Returns (params, flops, rows of (stage, params, output shape, flops)) for one image in eval mode."""
+                   image_size: int | tuple[int, int]) -> tuple[int, int, list[tuple[str, int, str, int]]]:
+    """Returns (params, flops, rows of (stage, params, output shape, flops)) for one image in eval mode, of side
+    ``image_size`` or of ``(height, width)``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -51,7 +52,7 @@ def describe_model(model: nn.Module, in_chans: int,
     # The counter has no formula for the CPU's fused attention kernel (it would count a ViT's attention as 0);
     # the math backend runs the same attention as matmuls it counts.
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(torch.zeros(1, in_chans, image_size, image_size))
+        model(torch.zeros(1, in_chans, *((image_size, image_size) if isinstance(image_size, int) else image_size)))
     for handle in handles:
         handle.remove()
     rows = [

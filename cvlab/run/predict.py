@@ -6,9 +6,11 @@ What is drawn and saved is the task's (:meth:`~cvlab.tasks.base.BaseTask.predict
 :func:`~cvlab.engine.export.open_runner` gives, so a checkpoint and its export share it): detection draws the boxes
 scoring above ``conf`` and saves them in the COCO results format, ``[{"image_id", "category_id", "bbox": [x, y, w,
 h] in original pixels, "score"}, ...]``; classification labels each image with its best class and saves the
-``top_k`` classes with their probabilities. ``image_id`` is the file name's number (COCO's ``000000397133.jpg`` ->
-397133) or the file's position in the sorted list, unless the task knows better (a COCO-trained detector whose json
-is still readable uses the json's ids, so the file can be scored with pycocotools against it).
+``top_k`` classes with their probabilities; segmentation draws the predicted class mask over each image, writes it
+as a palette PNG of class indices at the image's own size into ``masks/``, and saves each class's share of the
+pixels. ``image_id`` is the file name's number (COCO's ``000000397133.jpg`` -> 397133) or the file's position in
+the sorted list, unless the task knows better (a COCO-trained detector whose json is still readable uses the json's
+ids, so the file can be scored with pycocotools against it).
 """
 from __future__ import annotations
 

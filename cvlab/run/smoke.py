@@ -16,6 +16,8 @@ SMOKE_OVERRIDES = {
     "classification": ["data=digits", "data.batch_size=8"],
     "detection": ["data=shapes_det", "data.image_size=64", "data.train_size=16", "data.val_size=8",
                   "data.test_size=8", "data.batch_size=4", "model.width=0.25"],
+    "segmentation": ["data=shapes_seg", "data.image_size=64", "data.train_size=16", "data.val_size=8",
+                     "data.test_size=8", "data.batch_size=4"],
 }
 
 

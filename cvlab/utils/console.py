@@ -76,6 +76,19 @@ def class_ap_table(ap50_per_class: dict[str, float], ap_per_class: dict[str, flo
     return table
 
 
+def class_iou_table(class_names: list[str], iou: list[float | None], acc: list[float | None],
+                    pixels: list[int]) -> Table:
+    """Segmentation's per-class table: IoU, accuracy (recall) and the true pixels of every class; "-" where a figure
+    is undefined (a class the evaluated data never shows, or shows nowhere in the truth)."""
+    table = Table(title="IoU per class", title_justify="left")
+    table.add_column("class")
+    for column in ("IoU", "acc", "pixels"):
+        table.add_column(column, justify="right")
+    for name, class_iou, class_acc, count in zip(class_names, iou, acc, pixels):
+        table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in (class_iou, class_acc)), f"{count:,}")
+    return table
+
+
 def fail(message: str, code: int = 2):
     print_error(message)
     sys.exit(code)

@@ -90,3 +90,29 @@ def plot_pr_curves(curves: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_mask_overlays(rows: list[tuple[np.ndarray, ...]], class_names: list[str], palette: list[tuple[int, int, int]],
+                       path: Path, titles: tuple[str, ...] = ("image", "truth", "prediction")) -> None:
+    """One row of panels per image (uint8 ``H x W x 3`` arrays: the image, then its masks drawn over it), titled
+    once, above a legend of the class colours (the first 30 classes, six a row)."""
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    legend = [Patch(color=np.asarray(colour) / 255, label=name) for name, colour in zip(class_names[:30], palette)]
+    legend_height = 0.25 * -(-len(legend) // 6) + 0.1  # inches
+    columns = len(titles)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.4 * len(rows) + legend_height),
+                             squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, panel in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+    fig.legend(handles=legend, loc="lower center", ncol=min(len(legend), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
