@@ -10,6 +10,9 @@
 2. **yolov3 on shapes_det**: ``cvlab train model=yolov3`` (bf16) to mAP@0.5 >= 0.8 on the test split, with its time.
 3. **DDP smoke test** when more than one GPU is visible: ``cvlab train trainer=ddp trainer.devices=2`` writes one run
    directory with one metrics.json.
+4. **BiSeNet inference** (issue 12): images/s of BiSeNet V1 (ResNet-18, 19 classes) in eval, batch 1, bf16 autocast,
+   channels-last, at 1024×2048 and at the paper's 768×1536, beside the paper's Titan XP figures at 768×1536 (105.8
+   FPS with Xception39, 65.5 with ResNet-18). Not judged: another GPU, another software stack.
 
 Without a GPU it stops with one line. ``--dry-run`` runs every part on the CPU at tiny sizes (the DDP part as two
 CPU processes), to check the script itself; its numbers mean nothing and its goals are not judged.
@@ -54,6 +57,8 @@ class Sizes:
     precision: str = "bf16-mixed"
     yolo_overrides: list[str] = field(default_factory=list)
     ddp: list[str] = field(default_factory=lambda: ["trainer=ddp", "trainer.devices=2"])
+    segmentation_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 2048), (768, 1536)])
+    segmentation_passes: tuple[int, int] = (10, 50)  # warm-up, timed
 
     @classmethod
     def dry_run(cls) -> "Sizes":
@@ -63,7 +68,8 @@ class Sizes:
                                    "trainer.num_sanity_val_steps=0"],
                    ddp=["trainer=ddp_cpu", "data.batch_size=32", "trainer.max_epochs=1",
                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-                        "trainer.limit_test_batches=2"])
+                        "trainer.limit_test_batches=2"],
+                   segmentation_sizes=[(64, 128)], segmentation_passes=(1, 2))
 
 
 @dataclass
@@ -294,6 +300,39 @@ def check_ddp(sizes: Sizes, work: Path) -> Check:
                               f"`cvlab train {' '.join(overrides)}`")
 
 
+# Yu et al. 2018, speed table, Titan XP at 768x1536: 105.8 FPS with the Xception39 context path (the issue's figure),
+# 65.5 with ResNet-18 (the one cvlab builds).
+BISENET_PAPER_FPS = {"xception39": 105.8, "resnet18": 65.5}
+
+
+def check_bisenet(sizes: Sizes) -> list[Check]:
+    import torch
+
+    from cvlab.models import create_model
+
+    device = torch.device(sizes.device)
+    model = create_model("bisenet", num_classes=19, in_chans=3, image_size=sizes.segmentation_sizes[0][0]).eval()
+    model = model.to(device, memory_format=torch.channels_last)
+    warmup, timed = sizes.segmentation_passes
+    checks = []
+    for height, width in sizes.segmentation_sizes:
+        image = torch.rand(1, 3, height, width, device=device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            for _ in range(warmup):
+                model(image)
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(timed):
+                model(image)
+            synchronize(device)
+            elapsed = time.perf_counter() - started
+        checks.append(Check(f"bisenet bf16 {height}x{width}: images/s", timed / elapsed, "img/s",
+                            seconds=elapsed, note="batch 1, eval, channels-last; paper at 768x1536 on a Titan XP: "
+                                                  f"{BISENET_PAPER_FPS['resnet18']} FPS (ResNet-18), "
+                                                  f"{BISENET_PAPER_FPS['xception39']} (Xception39)"))
+    return checks
+
+
 # ---------------------------------------------------------------------------------------------- report
 def peak_of(device_name: str) -> float | None:
     for name, peak in BF16_PEAK_TFLOPS.items():
@@ -321,14 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Parts: resnet50 throughput (cvlab vs plain PyTorch, MFU), yolov3 "
-                                            "mAP@0.5 on shapes_det, DDP smoke test (more than one GPU).")
+                                            "mAP@0.5 on shapes_det, DDP smoke test (more than one GPU), BiSeNet bf16 "
+                                            "images/s at 1024x2048.")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"),
                         help="the json written (default: %(default)s)")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the runs and their logs (default: runs/gpu_check/<time>)")
     parser.add_argument("--dry-run", action="store_true",
                         help="every part on the CPU at tiny sizes, to check the script (numbers not judged)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "yolov3", "ddp"], help="parts to skip")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "yolov3", "ddp", "bisenet"],
+                        help="parts to skip")
     parser.add_argument("--batch-size", type=int, default=None, help="resnet50 batch size (default 256)")
     parser.add_argument("--steps", type=int, default=None, help="timed resnet50 steps (default 60, after 15 warm-up)")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default 8)")
@@ -364,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count() if sizes.device == "cuda" else 0
     if "ddp" not in args.skip and (gpus > 1 or args.dry_run):
         checks.append(check_ddp(sizes, work))
+    if "bisenet" not in args.skip:
+        checks += check_bisenet(sizes)
     total = time.perf_counter() - started
 
     title = f"cvlab gpu_check on {device_name} ({gpus} GPU(s)), {total:.0f} s"

@@ -398,7 +398,8 @@ def test_gpu_check_dry_run_runs_every_part_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     checks = {check["name"]: check for check in report["checks"]}
-    assert report["dry_run"] is True and len(checks) == 5
+    assert report["dry_run"] is True and len(checks) == 6
+    assert checks["bisenet bf16 64x128: images/s"]["value"] > 0
     plain = checks["resnet50 bf16 224px: plain PyTorch loop"]
     cvlab = checks["resnet50 bf16 224px: cvlab train"]
     assert plain["value"] > 0 and cvlab["value"] > 0 and "GFLOP/img" in cvlab["note"]
