@@ -18,6 +18,16 @@ FAST = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "trainer.enab
         "data.batch_size=16"]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch CPU thread for a module of tiny networks (``pytestmark = pytest.mark.usefixtures(...)``): on the
+    shared 2-core machine a second thread mostly waits (depthwise convolutions run 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def image_check_cache(tmp_path_factory, monkeypatch):
     """The image-check cache of each test session lives in a temporary folder, not in ~/.cache/cvlab."""

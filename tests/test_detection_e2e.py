@@ -36,13 +36,8 @@ EXTRA = {("yolov2", "shapes_det"): ["model.anchors=auto"]}
 PREDICTOR = ("yolov1", "coco")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions gain nothing from a second thread, and on a busy machine two threads wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks gain nothing from a second thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,8 @@ TINY = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "trainer.enab
         "data.batch_size=8", "optimizer=sgd", "distill.latency_runs=3"]  # sgd: no optimizer state to save
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on a shared 2-core machine a second OpenMP thread mostly waits for the other jobs (up to
-    10x slower here), and the subprocesses below get OMP_NUM_THREADS=1 for the same reason."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks gain nothing from a second thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 STUDENT_LOGITS = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]

@@ -45,13 +45,8 @@ MODELS = {
 YOLO_SLOTS = 3 * (2 * 2 + 4 * 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks gain nothing from a second thread; on the shared machine it mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks gain nothing from a second thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spread_detector_scores(detector: nn.Module) -> None:

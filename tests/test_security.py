@@ -31,13 +31,8 @@ ZEN = "Beautiful is better than ugly"
 UNTOUCHED = "untouched"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on the shared 2-core machine a second thread mostly waits (depthwise convolutions 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks gain nothing from a second thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class WritesFile:

@@ -71,7 +71,15 @@ from cvlab.data.shapes import SHAPE_CLASSES, ShapesDetection
 from cvlab.data.wrappers import MixUp, Mosaic
 from cvlab.utils.errors import UserError
 from cvlab.utils.images import ImageCheck, check_images, open_image
-from cvlab.utils.validate import check_image_size, check_loader, check_names, check_number, check_probability
+from cvlab.utils.validate import (
+    check_image_size,
+    check_loader,
+    check_min_max,
+    check_names,
+    check_number,
+    check_probability,
+    check_scene_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -615,23 +623,11 @@ def _check_arguments(source: str, root, image_size, batch_size, num_workers, hfl
         check_probability(f"data.{key}", probability)
     check_number("data.translate", translate, 0, 1)
     check_number("data.color_jitter", color_jitter, 0)
-    if not (isinstance(scale, (list, tuple)) and len(scale) == 2):
-        raise UserError(f"data.scale is a [min, max] range of zoom factors, e.g. [0.75, 1.25]; got {scale!r}.")
-    for factor in scale:
-        check_number("data.scale", factor, 0, low_open=True)
-    if scale[0] > scale[1]:
-        raise UserError(f"data.scale=[{scale[0]}, {scale[1]}]: the minimum comes first.")
+    check_min_max("data.scale", scale, "a [min, max] range of zoom factors, e.g. [0.75, 1.25]", 0, low_open=True)
     check_number("data.num_classes", num_classes, 1, integer=True, optional=True)
     check_names("data.class_names", class_names)
     if source == "shapes_det":
-        for key, size in zip(("train_size", "val_size", "test_size"), sizes):
-            check_number(f"data.{key}", size, 1, integer=True, optional=key == "test_size")
-        if not (isinstance(n_objects, (list, tuple)) and len(n_objects) == 2):
-            raise UserError(f"data.n_objects is a [min, max] count of shapes per scene; got {n_objects!r}.")
-        for count in n_objects:
-            check_number("data.n_objects", count, 1, _MAX_OBJECTS, integer=True)
-        if n_objects[0] > n_objects[1]:
-            raise UserError(f"data.n_objects=[{n_objects[0]}, {n_objects[1]}]: the minimum comes first.")
+        check_scene_settings(sizes, n_objects, _MAX_OBJECTS)
         if num_classes is not None and num_classes != len(SHAPE_CLASSES):
             raise UserError(f"shapes_det: data.num_classes={num_classes} but the data has {len(SHAPE_CLASSES)} "
                             f"classes; leave data.num_classes={len(SHAPE_CLASSES)} (or null).")

@@ -68,7 +68,15 @@ from cvlab.data.detection import _AnnotationCollector, _escapes, coco_files, rea
 from cvlab.data.shapes import SHAPE_MASK_CLASSES, ShapesSegmentation
 from cvlab.utils.errors import UserError
 from cvlab.utils.images import _opened, _too_many_pixels, check_images, open_image
-from cvlab.utils.validate import check_image_size, check_loader, check_names, check_number, check_probability
+from cvlab.utils.validate import (
+    check_image_size,
+    check_loader,
+    check_min_max,
+    check_names,
+    check_number,
+    check_probability,
+    check_scene_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -462,12 +470,7 @@ def _check_arguments(source: str, root, image_size, batch_size, num_workers, hfl
     check_image_size("data.image_size", image_size)
     check_probability("data.hflip", hflip)
     check_number("data.color_jitter", color_jitter, 0)
-    if not (isinstance(scale, (list, tuple)) and len(scale) == 2):
-        raise UserError(f"data.scale is a [min, max] range of zoom factors, e.g. [0.5, 2.0]; got {scale!r}.")
-    for factor in scale:
-        check_number("data.scale", factor, 0, low_open=True)
-    if scale[0] > scale[1]:
-        raise UserError(f"data.scale=[{scale[0]}, {scale[1]}]: the minimum comes first.")
+    check_min_max("data.scale", scale, "a [min, max] range of zoom factors, e.g. [0.5, 2.0]", 0, low_open=True)
     check_number("data.num_classes", num_classes, 2, MAX_CLASSES, integer=True, optional=True,
                  hint=" (background included; 255 marks ignored pixels)")
     check_names("data.class_names", class_names)
@@ -485,14 +488,7 @@ def _check_arguments(source: str, root, image_size, batch_size, num_workers, hfl
         if max_image_pixels is not None:
             raise UserError("data.max_image_pixels limits the image files read; shapes_seg draws its images, leave "
                             "it null")
-        for key, size in zip(("train_size", "val_size", "test_size"), sizes):
-            check_number(f"data.{key}", size, 1, integer=True, optional=key == "test_size")
-        if not (isinstance(n_objects, (list, tuple)) and len(n_objects) == 2):
-            raise UserError(f"data.n_objects is a [min, max] count of shapes per scene; got {n_objects!r}.")
-        for count in n_objects:
-            check_number("data.n_objects", count, 1, 16, integer=True)
-        if n_objects[0] > n_objects[1]:
-            raise UserError(f"data.n_objects=[{n_objects[0]}, {n_objects[1]}]: the minimum comes first.")
+        check_scene_settings(sizes, n_objects, 16)
     elif not root:
         raise UserError(f"data source {source!r} needs data.root=PATH")
     elif not Path(str(root)).expanduser().is_dir():

@@ -76,6 +76,26 @@ def check_number(key: str, value: Any, low: float | None = None, high: float | N
         raise UserError(f"{key} must be {what}{' or null' if optional else ''}{hint}, got {shown(value)}.")
 
 
+def check_min_max(key: str, value: Any, what: str, low: float, high: float | None = None, *,
+                  integer: bool = False, low_open: bool = False) -> None:
+    """``value`` is a ``[min, max]`` pair (``what`` describes it, with an example) of numbers within the bounds
+    (:func:`check_number`), the minimum first."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise UserError(f"{key} is {what}; got {value!r}.")
+    for bound in value:
+        check_number(key, bound, low, high, integer=integer, low_open=low_open)
+    if value[0] > value[1]:
+        raise UserError(f"{key}=[{value[0]}, {value[1]}]: the minimum comes first.")
+
+
+def check_scene_settings(sizes: Sequence, n_objects: Any, max_objects: int) -> None:
+    """The drawn shape scenes' ``data.train_size``/``val_size``/``test_size`` (test optional) and ``data.n_objects``."""
+    for key, size in zip(("train_size", "val_size", "test_size"), sizes):
+        check_number(f"data.{key}", size, 1, integer=True, optional=key == "test_size")
+    check_min_max("data.n_objects", n_objects, "a [min, max] count of shapes per scene", 1, max_objects,
+                  integer=True)
+
+
 def check_probability(key: str, value: Any) -> None:
     if not (_is_number(value) and 0 <= value <= 1):
         raise UserError(f"{key} is a probability in [0, 1], got {shown(value)}.")
