@@ -109,7 +109,7 @@ _SUMMARIES = {
 }
 
 
-def _escapes(name: str) -> bool:
+def escapes_root(name: str) -> bool:
     """Whether a file name read from an annotation file is absolute or climbs out of its folder with ``..``
     (``\\`` counts as a separator: Windows tools write it)."""
     posix = name.replace("\\", "/")
@@ -123,7 +123,7 @@ def _escapes(name: str) -> bool:
     return False
 
 
-class _AnnotationCollector:
+class AnnotationCollector:
     """Checks image files and boxes, keeps the good records and words every problem for ``dataset.problems``.
 
     A reader names the images (:meth:`image_path`), has them decoded in one pass (:meth:`check`), then adds each
@@ -144,7 +144,7 @@ class _AnnotationCollector:
     def image_path(self, source: str | Path, folders: Sequence[Path], name: str) -> Path | None:
         """The file an annotation names: ``name`` in the first of ``folders`` that holds it (the first folder when
         none does; it is reported missing later). None, reported, when the name leaves the folders."""
-        if _escapes(name):
+        if escapes_root(name):
             self.report(source, f"file name {name!r} leaves the data root, refused", _REFUSED)
             return None
         relative = name.replace("\\", "/")
@@ -192,7 +192,7 @@ class _AnnotationCollector:
 class _FileDetectionDataset(DetectionDataset):
     """A dataset of image files with checked annotations; logs one line per kind of problem."""
 
-    def __init__(self, name: str, class_names: Sequence[str], collected: _AnnotationCollector,
+    def __init__(self, name: str, class_names: Sequence[str], collected: AnnotationCollector,
                  transforms: Callable | None):
         super().__init__(class_names, transforms)
         self.records = collected.records
@@ -254,7 +254,7 @@ class CocoDataset(_FileDetectionDataset):
         categories, images, annotations = read_coco(ann_file)
         label_of_category = {c["id"]: i for i, c in enumerate(categories)}
         objects_of_image: dict[int, list[tuple[list[float], int]]] = {image[0]: [] for image in images}
-        collected = _AnnotationCollector(max_image_pixels)
+        collected = AnnotationCollector(max_image_pixels)
         for ann in annotations:
             source = f"{ann_file.name} annotation {ann.get('id')}"
             if ann.get("iscrowd", 0):
@@ -356,7 +356,7 @@ class VOCDataset(_FileDetectionDataset):
             xml_paths = [root / "Annotations" / f"{stem}.xml" for stem in split_file.read_text().split()]
         class_names = tuple(class_names) if class_names else voc_class_names(root)
         label_of_name = {name: i for i, name in enumerate(class_names)}
-        collected = _AnnotationCollector(max_image_pixels)
+        collected = AnnotationCollector(max_image_pixels)
         entries = []
         for image_id, xml_path in enumerate(xml_paths):
             if not xml_path.is_file():
@@ -392,7 +392,7 @@ class VOCDataset(_FileDetectionDataset):
         super().__init__(str(root), class_names, collected, transforms)
 
     @staticmethod
-    def _image_path(collected: _AnnotationCollector, xml_path: Path, filename: str) -> Path | None:
+    def _image_path(collected: AnnotationCollector, xml_path: Path, filename: str) -> Path | None:
         folder = xml_path.parent.parent / "JPEGImages"
         path = collected.image_path(xml_path, [folder], filename or f"{xml_path.stem}.jpg")
         if path is None or path.is_file():
@@ -461,7 +461,7 @@ class YOLODataset(_FileDetectionDataset):
     def __init__(self, root: str | Path, images: str | Sequence[str], class_names: Sequence[str],
                  transforms: Callable | None = None, max_image_pixels: int | None = None, name: str | None = None):
         root = Path(root)
-        collected = _AnnotationCollector(max_image_pixels)
+        collected = AnnotationCollector(max_image_pixels)
         paths = self._image_paths(root, images, collected)
         collected.check(paths)
         for image_id, image_path in enumerate(paths):
@@ -490,7 +490,7 @@ class YOLODataset(_FileDetectionDataset):
                    max_image_pixels, name=str(data_yaml))
 
     @staticmethod
-    def _image_paths(root: Path, entries: str | Sequence[str], collected: _AnnotationCollector) -> list[Path]:
+    def _image_paths(root: Path, entries: str | Sequence[str], collected: AnnotationCollector) -> list[Path]:
         paths: list[Path] = []
         for entry in [entries] if isinstance(entries, str) else entries:
             location = _yolo_location(root, str(entry))

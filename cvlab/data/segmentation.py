@@ -64,10 +64,10 @@ from cvlab.data.base import (
     cut_note,
     cut_splits,
 )
-from cvlab.data.detection import _AnnotationCollector, _escapes, coco_files, read_coco
+from cvlab.data.detection import AnnotationCollector, coco_files, escapes_root, read_coco
 from cvlab.data.shapes import SHAPE_MASK_CLASSES, ShapesSegmentation
 from cvlab.utils.errors import UserError
-from cvlab.utils.images import _opened, _too_many_pixels, check_images, open_image
+from cvlab.utils.images import check_images, open_header, open_image, too_many_pixels
 from cvlab.utils.validate import (
     check_image_size,
     check_loader,
@@ -189,8 +189,8 @@ def read_mask(path: str | Path, max_pixels: int | None = None) -> tuple[np.ndarr
     """
     path = Path(path)
     try:
-        with _opened(path) as image:
-            too_large = _too_many_pixels(*image.size, max_pixels)
+        with open_header(path) as image:
+            too_large = too_many_pixels(*image.size, max_pixels)
             if too_large is not None:
                 raise UserError(f"refusing mask {path}: it {too_large}")
             mode = image.mode
@@ -412,7 +412,7 @@ def _voc_items(root: Path, voc: Path, stems: Sequence[str], source: str, problem
     with their ``SegmentationClass/<stem>.png``; a stem that leaves the folder is refused."""
     items = []
     for stem in stems:
-        if _escapes(stem):
+        if escapes_root(stem):
             problems.add(_REFUSED, f"{source}: {stem!r}")
             continue
         image = voc / "JPEGImages" / f"{stem}.jpg"
@@ -448,7 +448,7 @@ def _coco_items(root: Path, ann_file: Path, folders: list[Path], problems: _Prob
         else:
             objects[ann["image_id"]].append((label_of_category[ann["category_id"]], ann["segmentation"],
                                              bool(ann.get("iscrowd", 0))))
-    names = _AnnotationCollector()  # the detection reader's file-name checks
+    names = AnnotationCollector()  # the detection reader's file-name checks
     items = []
     for image_id, file_name, width, height in images:
         path = names.image_path(f"{ann_file.name} image {file_name}", folders, file_name)
@@ -764,7 +764,7 @@ class SegmentationDataModule(SplitDataModule):
                 continue
             stems = listed.read_text().split()
             if role != "train" and not any((voc / "SegmentationClass" / f"{stem}.png").is_file() for stem in stems
-                                           if not _escapes(stem)):
+                                           if not escapes_root(stem)):
                 notes.append(f"{split}.txt lists no image with a mask (VOC's test images are unannotated)")
                 continue
             items[role] = _voc_items(root, voc, stems, _relative(listed, root), problems)

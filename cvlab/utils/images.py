@@ -34,7 +34,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from cvlab.utils.errors import UserError
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "ImageCheck", "check_images", "image_cache_dir",
-           "open_image"]
+           "open_header", "open_image", "too_many_pixels"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def image_cache_dir() -> Path:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[PIL.Image.Image]:
+def open_header(path: Path) -> Iterator[PIL.Image.Image]:
     """``PIL.Image.open(path)`` (the header only) without PIL's own pixel limit; cvlab checks its own."""
     with _PIL_LIMIT_LOCK:
         saved, PIL.Image.MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS, None
@@ -76,7 +76,7 @@ def _opened(path: Path) -> Iterator[PIL.Image.Image]:
         yield image
 
 
-def _too_many_pixels(width: int, height: int, max_pixels: int | None) -> str | None:
+def too_many_pixels(width: int, height: int, max_pixels: int | None) -> str | None:
     limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if width * height <= limit:
         return None
@@ -99,8 +99,8 @@ def open_image(path: str | Path, mode: str, max_pixels: int | None = None) -> PI
     """
     path = Path(path)
     try:
-        with _opened(path) as image:
-            too_large = _too_many_pixels(*image.size, max_pixels)
+        with open_header(path) as image:
+            too_large = too_many_pixels(*image.size, max_pixels)
             if too_large is None:
                 return _in_mode(image, mode)
     except Exception as error:  # PIL raises many types for a broken file
@@ -113,9 +113,9 @@ def _decode(path: Path, max_pixels: int | None) -> tuple[ImageCheck, bool]:
     if not path.is_file():
         return ImageCheck(0, 0, "not found"), False
     try:
-        with _opened(path) as image:
+        with open_header(path) as image:
             width, height = image.size
-            too_large = _too_many_pixels(width, height, max_pixels)
+            too_large = too_many_pixels(width, height, max_pixels)
             if too_large is not None:
                 return ImageCheck(width, height, too_large), False
             image.load()
@@ -186,7 +186,7 @@ def check_images(paths: Sequence[str | Path], max_pixels: int | None = None) -> 
         if cache is None:
             cache = caches[path.parent] = _FolderCache(path.parent)
         cached = cache.get(path, stamp)
-        if cached is not None and _too_many_pixels(cached.width, cached.height, max_pixels) is None:
+        if cached is not None and too_many_pixels(cached.width, cached.height, max_pixels) is None:
             checks[path] = cached
             continue
         checks[path], cacheable = _decode(path, max_pixels)
