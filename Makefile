@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+# pytest-xdist workers for make test: the fast tests are independent (own tmp dirs; no process groups), and two workers take
+# the suite from ~460 s to ~285 s on a 2-core machine. The slow tests (DDP, submitit) run one at a time.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-slow lint smoke bench install install-dev clean
 
@@ -26,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/cvlab train
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 	$(BIN)/cvlab smoke
 
 lint: $(DEV_STAMP)
