@@ -88,6 +88,35 @@ def instance_norm(num_channels: int, eps: float = 1e-5, affine: bool = True) -> 
     return nn.GroupNorm(num_channels, num_channels, eps, affine)
 
 
+def single_pixel_instance_norms(net: nn.Module, images: torch.Tensor) -> list[str]:
+    """Names of ``net``'s per-channel norms (a GroupNorm with one channel per group: ``norm=in``, or ``norm=gn`` on
+    a layer with fewer channels than groups) that see a 1×1 map when ``net`` runs on ``images`` (Tensor[N, C, H, W])
+    in eval form. Such a norm subtracts the only value it normalises, so its output is its bias whatever the input:
+    nothing before it reaches the output, and the model cannot learn (``norm=in`` on 8 px digits: chance accuracy).
+    Empty, without running ``net``, when it has no such norm."""
+    per_channel = {module: name for name, module in net.named_modules()
+                   if isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels > 1}
+    if not per_channel:
+        return []
+    hits: list[str] = []
+
+    def record(module: nn.Module, inputs: tuple) -> None:
+        if inputs[0].shape[2:].numel() == 1:
+            hits.append(per_channel[module])
+
+    handles = [module.register_forward_pre_hook(record) for module in per_channel]
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(images)
+    finally:
+        net.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(hits))
+
+
 def no_norm(num_channels: int) -> nn.Identity:
     """``norm=none``: the layer stays in the model but leaves its input unchanged."""
     return nn.Identity()

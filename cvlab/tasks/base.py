@@ -263,14 +263,25 @@ class BaseTask(pl.LightningModule):
 
     def _warn_about_training(self, optimizer: torch.optim.Optimizer) -> None:
         """Prints the model's own warnings about this optimiser (a model may know settings that train it poorly,
-        e.g. ViT above its recipes' Adam rate), once, on the main process."""
-        model_warnings = getattr(self.model, "training_warnings", None)
-        if model_warnings is None or not self.trainer.is_global_zero:
+        e.g. ViT above its recipes' Adam rate), and one about per-channel norms on 1×1 maps (``norm=in`` on small
+        images), once, on the main process."""
+        if not self.trainer.is_global_zero:
             return
+        from cvlab.layers.norm import single_pixel_instance_norms
         from cvlab.utils.console import print_warning
 
-        for line in model_warnings(optimizer):
+        model_warnings = getattr(self.model, "training_warnings", None)
+        for line in model_warnings(optimizer) if model_warnings is not None else ():
             print_warning(line)
+        info = self.data_info
+        # two images: GroupNorm refuses a single value per group
+        images = torch.zeros(2, info.in_chans, info.image_size, info.image_size, device=self.device)
+        degenerate = single_pixel_instance_norms(self.model, images)
+        if degenerate:
+            shown = ", ".join(degenerate[:3]) + (f" and {len(degenerate) - 3} more" if len(degenerate) > 3 else "")
+            print_warning(f"{shown}: per-channel norm layers that see 1×1 maps at data.image_size={info.image_size}; "
+                          "a norm there outputs its bias alone, so the model cannot learn. Use norm=bn, gn or ln "
+                          "there, or a larger data.image_size.")
 
     # ------------------------------------------------------------------------------------------ reporting
     def on_test_end(self) -> None:

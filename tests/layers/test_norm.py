@@ -179,3 +179,35 @@ def test_switchable_mixing_weights_are_learned(batch):
     (sn(batch) * torch.randn_like(batch)).sum().backward()
     for param in (sn.mean_weight, sn.var_weight, sn.weight, sn.bias):
         assert param.grad is not None and param.grad.abs().sum() > 0
+
+
+def test_per_channel_norms_on_single_pixel_maps_are_named():
+    from cvlab.layers.norm import single_pixel_instance_norms
+    from cvlab.models import create_model
+
+    def resnet(norm):
+        return create_model("resnet18", num_classes=10, in_chans=1, image_size=8, norm_layer=get_norm_layer(norm))
+
+    found = single_pixel_instance_norms(resnet("in"), torch.zeros(2, 1, 8, 8))
+    assert found and all(name.startswith("layer4.") for name in found)  # digits: only the last stage is 1×1
+    assert single_pixel_instance_norms(resnet("in"), torch.zeros(2, 1, 64, 64)) == []
+    net = resnet("bn")
+    net.forward = None  # no per-channel norm: the check must not run the network at all
+    assert single_pixel_instance_norms(net, torch.zeros(2, 1, 8, 8)) == []
+
+
+def test_training_warns_about_instance_norm_on_single_pixel_maps(monkeypatch):
+    from types import SimpleNamespace
+
+    from cvlab.engine import build_datamodule, build_task
+    from cvlab.utils.config import compose
+
+    lines = []
+    monkeypatch.setattr("cvlab.utils.console.print_warning", lines.append)
+    for norm, warned in (("in", 1), ("gn", 1)):  # gn adds no line: its layer4 groups hold 16 channels
+        cfg = compose("train", ["model=resnet18", f"norm={norm}", "logger=none"])
+        task = build_task(cfg, build_datamodule(cfg))
+        monkeypatch.setattr(type(task), "trainer", SimpleNamespace(is_global_zero=True), raising=False)
+        task._warn_about_training(torch.optim.SGD(task.parameters(), lr=0.1))
+        assert len(lines) == warned
+    assert "layer4." in lines[0] and "data.image_size=8" in lines[0] and "norm=bn, gn or ln" in lines[0]
