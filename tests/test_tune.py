@@ -251,3 +251,17 @@ def test_a_tune_through_the_cli_writes_its_study_and_best_config_and_continues_a
     assert again.trainer == trial_cfg.trainer and again.data == trial_cfg.data and again.model == trial_cfg.model
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/acc"] == pytest.approx(best.value, abs=1e-6)
+
+
+def test_the_cmaes_sampler_proposes_the_continuous_parameters_jointly():
+    from cvlab.engine.tune import make_sampler
+
+    space = parse_space(["optimizer.lr=tag(log,interval(1e-4,1e-1))", "optimizer.weight_decay=interval(0.0,0.1)"])
+    sampler = make_sampler(OmegaConf.create({"sampler": "cmaes"}), space, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda trial: sum((value - 0.01) ** 2 for value in space.suggest(trial).values()), n_trials=8)
+    assert isinstance(sampler, optuna.samplers.CmaEsSampler)
+    # CMA-ES samples both as one Gaussian (relative sampling), not each on its own as random search would
+    assert set(sampler.infer_relative_search_space(study, study.trials[-1])) == set(space.names)
+    assert all(1e-4 <= t.params["optimizer.lr"] <= 0.1 and 0 <= t.params["optimizer.weight_decay"] <= 0.1
+               for t in study.trials)
