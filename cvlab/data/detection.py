@@ -67,6 +67,7 @@ from cvlab.data.base import (
     cut_splits,
     letterbox_geometry,
 )
+from cvlab.data.proposals import attach_proposals
 from cvlab.data.shapes import SHAPE_CLASSES, ShapesDetection
 from cvlab.data.wrappers import MixUp, Mosaic
 from cvlab.utils.errors import UserError
@@ -587,7 +588,8 @@ def detection_transforms(image_size: int, train: bool = True, hflip: float = 0.5
 
 def detection_collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
     """``(Tensor[N, 3, H, W], list of N targets)``. Images of different sizes are padded at the right and bottom
-    (grey 114/255) to the largest, which leaves every box where it was."""
+    (grey 114/255) to the largest, which leaves every box where it was. The targets stay per image, with their
+    ``"proposals"`` where the data carries them (``Tensor[K, 4]``, K varying)."""
     images, targets = zip(*batch)
     height = max(image.shape[-2] for image in images)
     width = max(image.shape[-1] for image in images)
@@ -672,7 +674,8 @@ class DetectionDataModule(SplitDataModule):
     are the probabilities of :class:`~cvlab.data.wrappers.Mosaic` and :class:`~cvlab.data.wrappers.MixUp` (applied
     in that order) in the training loader; ``train_set`` stays the split as read. ``sampler`` is offered
     ``num_samples``, ``num_classes``, ``class_counts`` and ``seed``; a sampler that draws images by their class label
-    is refused.
+    is refused. :meth:`attach_proposals` adds selective-search proposals to every split's targets (for R-CNN and
+    Fast R-CNN).
     """
 
     kind = "detection"
@@ -866,6 +869,19 @@ class DetectionDataModule(SplitDataModule):
     def describe(self) -> DataInfo:
         return DataInfo(num_classes=self.num_classes, class_names=self.class_names, in_chans=3,
                         image_size=self.image_size, class_counts=self.class_counts)
+
+    def attach_proposals(self, settings: dict) -> dict:
+        """Makes every split's targets carry ``"proposals"`` by a model's ``proposals:`` settings
+        (:mod:`cvlab.data.proposals`), computing the uncached ones now; returns the settings completed with their
+        defaults. Refused with mosaic or mixup, whose combined images have no proposals of their own."""
+        if self.mosaic > 0 or self.mixup > 0:
+            raise UserError(f"data.mosaic={self.mosaic:g} / data.mixup={self.mixup:g} combine several images, which a "
+                            "model taking region proposals (model.proposals) cannot use; set data.mosaic=0 "
+                            "data.mixup=0")
+        self.setup()
+        self.train_set, self.val_set, self.test_set = attach_proposals((self.train_set, self.val_set, self.test_set),
+                                                                        settings)
+        return self.train_set.settings
 
     def training_view(self) -> tuple[Dataset, bool]:
         dataset = self.train_set

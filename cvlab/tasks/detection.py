@@ -40,11 +40,17 @@ class DetectionTask(BaseTask):
 
     @classmethod
     def resolve(cls, configs: dict, datamodule, seed: int) -> dict:
+        """``model.anchors=auto`` becomes the k-means anchors of the training boxes. A model with ``proposals:``
+        settings (R-CNN, Fast R-CNN) has the datamodule attach them to every split (computed once now, cached; see
+        :mod:`cvlab.data.proposals`), and keeps the settings completed with their defaults."""
         if configs["model"].get("anchors") == "auto":
             from cvlab.tasks.anchors import auto_anchors
 
             configs["model"] = {**configs["model"],
                                 "anchors": auto_anchors(configs["model"], datamodule.train_set, datamodule.info, seed)}
+        if configs["model"].get("proposals"):
+            configs["model"] = {**configs["model"],
+                                "proposals": datamodule.attach_proposals(configs["model"]["proposals"])}
         return configs
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None):

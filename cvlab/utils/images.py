@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +29,7 @@ import numpy as np
 import PIL.Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from cvlab.utils.cache import cache_dir, write_atomic
 from cvlab.utils.errors import UserError
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "ImageCheck", "check_images", "image_cache_dir",
@@ -60,7 +59,7 @@ class ImageCheck(NamedTuple):
 def image_cache_dir() -> Path:
     """Where the verdicts of :func:`check_images` are kept: ``$CVLAB_CACHE/image_checks``, by default
     ``~/.cache/cvlab/image_checks``."""
-    return Path(os.environ.get("CVLAB_CACHE") or Path.home() / ".cache" / "cvlab").expanduser() / "image_checks"
+    return cache_dir("image_checks")
 
 
 @contextmanager
@@ -155,13 +154,8 @@ class _FolderCache:
         if not self.changed:
             return
         text = json.dumps({"version": _CACHE_VERSION, "folder": str(self.folder.resolve()), "files": self.entries})
-        try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            # Written beside, then renamed: two runs checking the same folder never leave half a file.
-            handle, temporary = tempfile.mkstemp(dir=self.file.parent, prefix=f".{self.file.stem}-", suffix=".tmp")
-            with os.fdopen(handle, "w") as out:
-                out.write(text)
-            os.replace(temporary, self.file)
+        try:  # two runs checking the same folder never leave half a file
+            write_atomic(self.file, lambda out: out.write(text.encode()))
         except OSError as error:
             log.debug("image check cache %s not written: %s", self.file, error)
 
