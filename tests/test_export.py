@@ -401,6 +401,10 @@ def test_the_fuse_hook_is_called_innermost_first_and_the_fused_form_is_exported(
     with torch.no_grad():
         torch.testing.assert_close(network(images), before, rtol=0, atol=1e-5)
     assert fuse_for_export(nn.Sequential(nn.Conv2d(1, 1, 1))) == []
+    from cvlab.layers.attention import get_attn_layer
+
+    selective_kernel = get_attn_layer("sk")(8)  # holds a layer named `fuse`, which takes an input: no hook
+    assert isinstance(selective_kernel.fuse, nn.Module) and fuse_for_export(selective_kernel) == []
 
     import onnx
 

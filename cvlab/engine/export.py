@@ -103,7 +103,7 @@ def fuse_for_export(network: nn.Module) -> list[str]:
     fused = []
     for name, module in reversed(list(network.named_modules())):
         hook = getattr(module, "fuse", None)
-        if callable(hook):
+        if callable(hook) and not isinstance(hook, nn.Module):  # a sub-layer named fuse (SK attention) is no hook
             hook()
             fused.append(name)
     network.eval()  # a fuse may have built new modules, in training mode
