@@ -254,11 +254,12 @@ def test_imagefolder_counts_its_classes_and_refuses_another_number(roots, capsys
 # ------------------------------------------------------------------------------------------------- models
 def _model_alternative(model: str, key: str, value):
     if key == "anchors":  # each YOLO's own count of anchors, in pixels
-        count = {"yolov2": 5, "yolov2_tiny": 5, "yolov3": 9, "yolov3_tiny": 6}[model]
+        count = {"yolov2": 5, "yolov2_tiny": 5, "yolov3": 9, "yolov3_tiny": 6, **dict.fromkeys(
+            ["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"], 9)}[model]
         return [[8.0 * (i + 1), 6.0 * (i + 1)] for i in range(count)]
     table = {"stem": "standard" if value != "standard" else "small", "output_stride": 16, "head": "gdc",
              "drop_rate": 0.35, "zero_init_residual": True, "width_mult": 0.5, "patch_size": 4, "attn_drop_rate": 0.1,
-             "width": 0.5, "conf_thresh": 0.01, "iou_thresh": 0.5, "max_det": 50,
+             "width": 0.5, "depth": 0.5, "conf_thresh": 0.01, "iou_thresh": 0.5, "max_det": 50,
              "backbone": "resnet18" if value != "resnet18" else "resnet34",
              "bn_momentum": 0.05 if value != 0.05 else 0.2, "padding": "valid" if value != "valid" else "same",
              "aux_heads": not value, "aux_head": not value, "aux_weights": [0.5, 2.0], "aux_weight": 0.2}
@@ -294,7 +295,7 @@ def _build(model_cfg: dict, values: bool) -> tuple:
 
 # The smallest model of each family; the others share their family's keys (checked below) and walk in the slow run.
 FAMILY_REPRESENTATIVES = ("darknet19", "mobilenetv3_small", "resnet18", "vit_tiny", "yolov1_tiny", "yolov2_tiny",
-                          "yolov3_tiny", "unet", "bisenet", "danet")
+                          "yolov3_tiny", "yolov5n", "unet", "bisenet", "danet")
 
 
 def _model_keys(model: str) -> set[str]:

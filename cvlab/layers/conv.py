@@ -5,11 +5,15 @@ global depthwise convolution, GDC).
 GDC (Chen et al. 2018, MobileFaceNet) replaces average pooling with a depthwise convolution whose kernel covers the
 whole final feature map, so each spatial position gets its own learned weight. torchvision has no such head; it is
 written here.
+
+:func:`fold_batch_norms` folds each conv-norm-act's eval-mode BatchNorm into its conv (``torch.nn.utils.fusion``),
+the deployed form of a CNN (one biased conv instead of conv → norm).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cvlab.layers.typing import ActFactory, NormFactory
 
@@ -49,6 +53,23 @@ class ConvNormAct(nn.Sequential):
             act_layer() if act_layer is not None else nn.Identity(),
         )
         self.out_chs = out_chs
+
+    def fold_norm(self) -> bool:
+        """Folds the BatchNorm into the conv, in place (eval mode: its running statistics become the conv's scale and
+        bias), and returns whether it did; any other norm (or none, or one folded already) stays as it is."""
+        conv, norm = self[0], self[1]
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.track_running_stats:
+            return False
+        if self.training:
+            raise RuntimeError("a conv's BatchNorm folds with its running statistics: call eval() first")
+        self[0], self[1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+        return True
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """:meth:`ConvNormAct.fold_norm` on every conv-norm-act of ``model`` (in eval mode); returns how many folded.
+    The outputs stay those of the unfolded eval-mode model up to float rounding."""
+    return sum(module.fold_norm() for module in list(model.modules()) if isinstance(module, ConvNormAct))
 
 
 def depthwise_conv(chs: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1, **kw) -> ConvNormAct:

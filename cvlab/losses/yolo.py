@@ -4,16 +4,18 @@ Papers:
     Redmon et al. 2016, "You Only Look Once: Unified, Real-Time Object Detection" (YOLOv1, eq. 3).
     Redmon & Farhadi 2017, "YOLO9000: Better, Faster, Stronger" (YOLOv2; the loss is only in Darknet's region layer).
     Redmon & Farhadi 2018, "YOLOv3: An Incremental Improvement" (YOLOv3; Darknet's yolo layer).
+    Bochkovskiy et al. 2020, "YOLOv4: Optimal Speed and Accuracy of Object Detection" (YOLOv4; AlexeyAB's yolo layer).
+    Jocher et al., ultralytics/yolov5 v6.0 (YOLOv5; no paper: ``utils/loss.py``, ``data/hyps/hyp.scratch-low.yaml``).
 
 No library implements the YOLO losses (torchvision ships only generic box ops and detection losses of other
 families), so the loss terms are written here by hand; which prediction answers for which object is the job of the
 assigners in :mod:`cvlab.ops.assigners`, and IoUs and box formats use ``torchvision.ops`` (``box_convert``,
-``generalized_box_iou_loss``).
+``generalized_box_iou_loss``, ``complete_box_iou_loss``).
 
-Each loss is a plug-in of the YOLO detectors (``loss=yolov1|yolov2|yolov3``, ``conf/loss/``): the model calls it with
-its raw outputs and the targets. Every loss returns ``dict(loss_box, loss_obj, loss_noobj, loss_cls)`` of scalars
-summed over the batch and divided by the batch size (Darknet sums; dividing by N makes the scale independent of the
-batch). The total loss is their sum. Squared errors are written without Darknet's implicit ½ (its deltas are
+Each loss is a plug-in of the YOLO detectors (``loss=yolov1|yolov2|yolov3|yolov4|yolov5``, ``conf/loss/``): the model
+calls it with its raw outputs and the targets. Every loss returns ``dict(loss_box, loss_obj, loss_noobj, loss_cls)`` of
+scalars summed over the batch and divided by the batch size (Darknet sums; dividing by N makes the scale independent
+of the batch). The total loss is their sum. Squared errors are written without Darknet's implicit ½ (its deltas are
 gradients of ½·error²): a constant factor only rescales the learning rate.
 
 Target boxes come in the detection contract's format: ``targets[i] = dict(boxes=Tensor[M_i, 4] xyxy pixels,
@@ -24,11 +26,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, complete_box_iou_loss, generalized_box_iou_loss
 
-from cvlab.ops.assigners import AnchorAssignment, BestAnchorAssigner, GridCellAssigner
+from cvlab.ops.assigners import (
+    AnchorAssignment,
+    BestAnchorAssigner,
+    GridCellAssigner,
+    RatioAnchorAssigner,
+    last_occurrence,
+)
 from cvlab.ops.boxes import paired_box_iou
-from cvlab.ops.postprocess import decode_anchor_boxes, decode_cell_boxes
+from cvlab.ops.postprocess import anchor_cell_offsets, decode_anchor_boxes, decode_cell_boxes
 
 LossDict = dict[str, torch.Tensor]
 LOSS_NAMES = ("loss_box", "loss_obj", "loss_noobj", "loss_cls")
@@ -85,20 +93,25 @@ class AnchorYoloLoss(nn.Module):
     :class:`~cvlab.ops.assigners.BestAnchorAssigner`; subclasses define the objectness and class terms and the class
     probabilities the detector scores with at eval (:meth:`class_probabilities`, matching the class term).
 
-    Box loss (``box_loss="mse"``, the papers'): for positives,
+    Box loss (``box_loss="mse"``, the papers' up to v3): for positives,
     ``(2 − w·h) · [(σ(tx) − x̂)² + (σ(ty) − ŷ)² + (tw − log(w / pw))² + (th − log(h / ph))²]`` with w, h relative to
     the image (the factor favours small boxes) and x̂, ŷ the centre's offset in its cell; ``box_loss="giou"`` uses
-    ``1 − GIoU`` of the decoded box instead (scale-invariant, so without the factor). Multiplied by ``coord_scale``.
+    ``1 − GIoU`` of the decoded box instead, ``"ciou"`` (YOLOv4's) ``1 − CIoU`` (IoU less the centre distance and
+    aspect-ratio penalties; Zheng et al. 2020), both scale-invariant, so without the factor. Multiplied by
+    ``coord_scale``. ``iou_thresh`` < 1 gives an object to every anchor of shape IoU above it as well
+    (:class:`~cvlab.ops.assigners.BestAnchorAssigner`; YOLOv4's several anchors per truth).
 
-    ``forward(outputs, anchors, targets, image_size) -> LossDict`` with ``outputs[l]: Tensor[N, A_l, H_l, W_l, 5+C]``
-    raw ``(tx, ty, tw, th, to, class logits)`` and ``anchors[l]: Tensor[A_l, 2]`` pixel (w, h) of level ``l``.
+    ``forward(outputs, anchors, targets, image_size, xy_scales=None) -> LossDict`` with
+    ``outputs[l]: Tensor[N, A_l, H_l, W_l, 5+C]`` raw ``(tx, ty, tw, th, to, class logits)``,
+    ``anchors[l]: Tensor[A_l, 2]`` pixel (w, h) of level ``l`` and ``xy_scales[l]`` its grid sensitivity (None: 1
+    everywhere; :func:`~cvlab.ops.postprocess.anchor_cell_offsets`), the detector's own, so boxes decode as at eval.
     """
 
-    def __init__(self, ignore_thresh: float, box_loss: str = "mse", coord_scale: float = 1.0):
+    def __init__(self, ignore_thresh: float, box_loss: str = "mse", coord_scale: float = 1.0, iou_thresh: float = 1.0):
         super().__init__()
-        if box_loss not in ("mse", "giou"):
-            raise ValueError(f"unknown box_loss {box_loss!r}; choose 'mse' or 'giou'")
-        self.assigner = BestAnchorAssigner(ignore_thresh)
+        if box_loss not in ("mse", "giou", "ciou"):
+            raise ValueError(f"unknown box_loss {box_loss!r}; choose 'mse', 'giou' or 'ciou'")
+        self.assigner = BestAnchorAssigner(ignore_thresh, iou_thresh)
         self.box_loss = box_loss
         self.coord_scale = coord_scale
 
@@ -117,10 +130,13 @@ class AnchorYoloLoss(nn.Module):
         raise NotImplementedError
 
     def _box_loss(self, pos_raw: torch.Tensor, pos_boxes: torch.Tensor, anchors: torch.Tensor,
-                  assigned: AnchorAssignment, grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+                  assigned: AnchorAssignment, grid: tuple[int, int], image_size: tuple[int, int],
+                  xy_scale: float) -> torch.Tensor:
         """Summed box loss of one level's positives: raw ``Tensor[P, 5 + C]``, decoded boxes ``Tensor[P, 4]``."""
         if self.box_loss == "giou":
             return generalized_box_iou_loss(pos_boxes, assigned.boxes, reduction="sum")
+        if self.box_loss == "ciou":
+            return complete_box_iou_loss(pos_boxes, assigned.boxes, reduction="sum")
         img_h, img_w = image_size
         grid_h, grid_w = grid
         centre_size = box_convert(assigned.boxes, "xyxy", "cxcywh")
@@ -128,21 +144,24 @@ class AnchorYoloLoss(nn.Module):
                                  centre_size[:, 1] / (img_h / grid_h) - assigned.row), -1)
         target_wh = (centre_size[:, 2:] / anchors.to(pos_raw)[assigned.anchor]).log()
         size_weight = 2 - centre_size[:, 2] * centre_size[:, 3] / (img_w * img_h)
-        box_error = (pos_raw[:, :2].sigmoid() - target_xy).square().sum(1) + (
+        box_error = (anchor_cell_offsets(pos_raw[:, :2], xy_scale) - target_xy).square().sum(1) + (
             pos_raw[:, 2:4] - target_wh).square().sum(1)
         return (size_weight * box_error).sum()
 
     def forward(self, outputs: list[torch.Tensor], anchors: list[torch.Tensor], targets: list[dict],
-                image_size: tuple[int, int]) -> LossDict:
+                image_size: tuple[int, int], xy_scales: list[float] | None = None) -> LossDict:
         outputs = [raw.float() for raw in outputs]
-        pred_boxes = [decode_anchor_boxes(raw[..., :4], level_anchors, image_size)
-                      for raw, level_anchors in zip(outputs, anchors)]
+        xy_scales = [1.0] * len(outputs) if xy_scales is None else list(xy_scales)
+        pred_boxes = [decode_anchor_boxes(raw[..., :4], level_anchors, image_size, xy_scale)
+                      for raw, level_anchors, xy_scale in zip(outputs, anchors, xy_scales, strict=True)]
         assignments = self.assigner([boxes.detach() for boxes in pred_boxes], anchors, targets, image_size)
 
         totals = dict.fromkeys(LOSS_NAMES, outputs[0].new_zeros(()))
-        for raw, level_boxes, level_anchors, assigned in zip(outputs, pred_boxes, anchors, assignments):
+        for raw, level_boxes, level_anchors, assigned, xy_scale in zip(outputs, pred_boxes, anchors, assignments,
+                                                                       xy_scales):
             pos_raw, pos_boxes = raw[assigned.slot], level_boxes[assigned.slot]
-            loss_box = self._box_loss(pos_raw, pos_boxes, level_anchors, assigned, raw.shape[2:4], image_size)
+            loss_box = self._box_loss(pos_raw, pos_boxes, level_anchors, assigned, raw.shape[2:4], image_size,
+                                      xy_scale)
             loss_obj, loss_noobj = self.objectness_losses(
                 pos_raw[:, 4], raw[..., 4][assigned.negatives], paired_box_iou(pos_boxes.detach(), assigned.boxes))
             totals["loss_box"] = totals["loss_box"] + self.coord_scale * loss_box
@@ -189,12 +208,17 @@ class YoloV3Loss(AnchorYoloLoss):
     - ``loss_box``: the shared box loss;
     - ``loss_obj = Σ_pos BCE(to, 1)``, ``loss_noobj = Σ_neg BCE(to, 0)`` with negatives the predictions of best
       IoU ≤ ``ignore_thresh`` (0.5 as in the paper; the released yolov3.cfg uses 0.7);
-    - ``loss_cls = Σ_pos Σ_c BCE(class logit c, [c = label])`` (no softmax: labels may overlap), so the classes are
-      scored with a sigmoid each.
+    - ``loss_cls = Σ_pos Σ_c BCE(class logit c, target c)`` with target ``[c = label]`` (no softmax: labels may
+      overlap), so the classes are scored with a sigmoid each. ``label_smoothing`` ε moves the targets to
+      ``1 − ε/2`` and ``ε/2`` (AlexeyAB's yolo layer: ``y · (1 − ε) + ε/2``; Szegedy et al. 2016).
     """
 
-    def __init__(self, ignore_thresh: float = 0.5, box_loss: str = "mse", coord_scale: float = 1.0):
-        super().__init__(ignore_thresh, box_loss, coord_scale)
+    def __init__(self, ignore_thresh: float = 0.5, box_loss: str = "mse", coord_scale: float = 1.0,
+                 iou_thresh: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__(ignore_thresh, box_loss, coord_scale, iou_thresh)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
 
     def objectness_losses(self, pos_logits, neg_logits, pos_iou):
         loss_obj = F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits), reduction="sum")
@@ -202,8 +226,127 @@ class YoloV3Loss(AnchorYoloLoss):
         return loss_obj, loss_noobj
 
     def class_loss(self, logits, labels):
-        target = F.one_hot(labels, logits.shape[-1]).to(logits)
+        target = F.one_hot(labels, logits.shape[-1]).to(logits) * (1 - self.label_smoothing) + self.label_smoothing / 2
         return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
 
     def class_probabilities(self, logits):
         return torch.sigmoid(logits)
+
+
+class YoloV4Loss(YoloV3Loss):
+    """YOLOv4's loss: YOLOv3's terms with the freebies of the released yolov4.cfg's yolo layers
+    (``iou_loss=ciou``, ``iou_thresh=0.213``, ``ignore_thresh=.7``; no ``label_smooth_eps``, so 0):
+
+    - ``box_loss="ciou"``: ``1 − CIoU`` of each positive's decoded box (``torchvision.ops.complete_box_iou_loss``);
+    - ``iou_thresh=0.213``: several anchors per truth, every anchor of shape IoU above it is a positive too;
+    - ``label_smoothing``: off in the cfg; the paper lists it among the freebies (§3.4).
+
+    The cfg's ``iou_normalizer=0.07`` (and ``max_delta=5``) scale Darknet's hand-written CIoU delta, which leaves
+    out the chain-rule factors ``1 / grid`` (x, y) and ``anchor / input`` (w, h) of the true gradient, so no constant
+    carries over to a true loss; ``coord_scale`` 1 sits between the ~0.9–5 (x, y) and ~0.1–3.5 (w, h) that would
+    match Darknet's steps at 608 px. Grid sensitivity (``scale_x_y``) is the detector's (``xy_scales``), since it
+    also decodes the boxes at eval.
+    """
+
+    def __init__(self, ignore_thresh: float = 0.7, box_loss: str = "ciou", coord_scale: float = 1.0,
+                 iou_thresh: float = 0.213, label_smoothing: float = 0.0):
+        super().__init__(ignore_thresh, box_loss, coord_scale, iou_thresh, label_smoothing)
+
+
+class YoloV5Loss(nn.Module):
+    """YOLOv5's loss (``utils/loss.py`` ``ComputeLoss``, gains of ``hyp.scratch-low.yaml``) on the positives of a
+    :class:`~cvlab.ops.assigners.RatioAnchorAssigner` (``anchor_t``: 4), boxes decoded as the detector does
+    (``2σ(t) − 0.5`` in the cell, ``pw · (2σ(tw))²``). Per level ``l`` (means, not sums):
+
+    - ``loss_box = box_gain' · Σ_l mean_pos (1 − CIoU(pred, truth))`` (``torchvision.ops.complete_box_iou_loss``);
+      ``box_loss="mse"`` puts the squared error of the raw parameterisation in its place, ``(2σ(tx) − 0.5 − x̂)²``
+      for the centre offset in the cell and ``(2σ(tw) − √(w / pw))²`` for the size, summed over the 4 (ablation);
+    - objectness ``obj_gain' · Σ_l balance_l · mean_slots BCE(to, target)``, the target of a positive slot its box's
+      IoU with the object (``(1 − iou_ratio) + iou_ratio · max(CIoU, 0)``, no gradient: YOLOv5's ``gr = 1``), of the
+      other slots 0; ``loss_obj`` is the positive slots' part of that mean and ``loss_noobj`` the others';
+    - ``loss_cls = cls_gain' · Σ_l mean_{pos, c} BCE(class logit c, [c = label])``, none for a single class.
+
+    ``balance`` weighs the levels finest first (P3, P4, P5: 4, 1, 0.4). The gains are YOLOv5's train.py scaling of
+    the hyp file's: ``box_gain' = box_gain · 3 / L``, ``cls_gain' = cls_gain · C / 80 · 3 / L``,
+    ``obj_gain' = obj_gain · (H · W / 640²) · 3 / L`` for L levels, C classes and an H×W input. YOLOv5 trains on the
+    sum of the three multiplied by the batch size; per image, as every cvlab loss, that is the sum itself. A slot
+    claimed twice keeps the later claim's IoU as its objectness target.
+
+    ``forward(outputs, anchors, targets, image_size, xy_scales=None) -> LossDict`` as
+    :class:`AnchorYoloLoss`'s (``xy_scales``: the detector's, 2 per level for YOLOv5).
+    """
+
+    #: YOLOv5's box decoding (:func:`~cvlab.ops.postprocess.decode_anchor_boxes`), which the detector's head shares.
+    BOX_DECODING = {"xy_scale": 2.0, "bounded_size": True}
+    REFERENCE_SIZE = 640  # the input size the hyp file's objectness gain is for
+
+    def __init__(self, anchor_t: float = 4.0, box_gain: float = 0.05, obj_gain: float = 1.0, cls_gain: float = 0.5,
+                 balance: tuple[float, ...] = (4.0, 1.0, 0.4), iou_ratio: float = 1.0, box_loss: str = "ciou"):
+        super().__init__()
+        if box_loss not in ("ciou", "mse"):
+            raise ValueError(f"unknown box_loss {box_loss!r}; choose 'ciou' or 'mse'")
+        if not 0.0 <= iou_ratio <= 1.0:
+            raise ValueError(f"iou_ratio must be in [0, 1], got {iou_ratio}")
+        self.assigner = RatioAnchorAssigner(anchor_t)
+        self.box_gain, self.obj_gain, self.cls_gain = box_gain, obj_gain, cls_gain
+        self.balance = tuple(float(weight) for weight in balance)
+        self.iou_ratio = iou_ratio
+        self.box_loss = box_loss
+
+    def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
+
+    def _box_terms(self, pos_raw: torch.Tensor, pos_boxes: torch.Tensor, anchors: torch.Tensor,
+                   assigned: AnchorAssignment, xy_scale: float, stride: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per positive box loss Tensor[P], IoU with its object Tensor[P], no gradient, ≥ 0)."""
+        if self.box_loss == "ciou":
+            loss = complete_box_iou_loss(pos_boxes, assigned.boxes, reduction="none")
+            return loss, (1 - loss).detach().clamp(min=0)
+        centre_size = box_convert(assigned.boxes, "xyxy", "cxcywh")
+        target_xy = centre_size[:, :2] / stride - torch.stack((assigned.col, assigned.row), 1)
+        target_root_wh = (centre_size[:, 2:] / anchors.to(pos_raw)[assigned.anchor]).sqrt()
+        loss = ((anchor_cell_offsets(pos_raw[:, :2], xy_scale) - target_xy).square().sum(1)
+                + (2 * pos_raw[:, 2:4].sigmoid() - target_root_wh).square().sum(1))
+        return loss, paired_box_iou(pos_boxes.detach(), assigned.boxes)
+
+    def forward(self, outputs: list[torch.Tensor], anchors: list[torch.Tensor], targets: list[dict],
+                image_size: tuple[int, int], xy_scales: list[float] | None = None) -> LossDict:
+        outputs = [raw.float() for raw in outputs]
+        num_levels, num_classes = len(outputs), outputs[0].shape[-1] - 5
+        if len(self.balance) != num_levels:
+            raise ValueError(f"balance has {len(self.balance)} level weights for {num_levels} levels")
+        xy_scales = [self.BOX_DECODING["xy_scale"]] * num_levels if xy_scales is None else list(xy_scales)
+        grids = [tuple(raw.shape[2:4]) for raw in outputs]
+        finest_first = sorted(range(num_levels), key=lambda level: -grids[level][0] * grids[level][1])
+        balance = {level: self.balance[rank] for rank, level in enumerate(finest_first)}
+        box_gain = self.box_gain * 3 / num_levels
+        cls_gain = self.cls_gain * num_classes / 80 * 3 / num_levels
+        obj_gain = self.obj_gain * image_size[0] * image_size[1] / self.REFERENCE_SIZE ** 2 * 3 / num_levels
+        assignments = self.assigner(grids, anchors, targets, image_size)
+
+        totals = dict.fromkeys(LOSS_NAMES, outputs[0].new_zeros(()))
+        for level, (raw, level_anchors, assigned, xy_scale) in enumerate(zip(outputs, anchors, assignments,
+                                                                               xy_scales, strict=True)):
+            obj_target = torch.zeros_like(raw[..., 4])
+            if len(assigned.image):
+                pos_raw = raw[assigned.slot]
+                pos_boxes = decode_anchor_boxes(raw[..., :4], level_anchors, image_size, xy_scale,
+                                                self.BOX_DECODING["bounded_size"])[assigned.slot]
+                stride = pos_raw.new_tensor([image_size[1] / grids[level][1], image_size[0] / grids[level][0]])
+                box_loss, iou = self._box_terms(pos_raw, pos_boxes, level_anchors, assigned, xy_scale, stride)
+                totals["loss_box"] = totals["loss_box"] + box_gain * box_loss.mean()
+                slot_keys = ((assigned.image * raw.shape[1] + assigned.anchor) * grids[level][0]
+                             + assigned.row) * grids[level][1] + assigned.col
+                last = last_occurrence(slot_keys)
+                obj_target[tuple(index[last] for index in assigned.slot)] = (
+                    (1 - self.iou_ratio) + self.iou_ratio * iou[last])
+                if num_classes > 1:
+                    class_target = F.one_hot(assigned.labels, num_classes).to(pos_raw)
+                    totals["loss_cls"] = totals["loss_cls"] + cls_gain * F.binary_cross_entropy_with_logits(
+                        pos_raw[:, 5:], class_target)
+            obj_bce = F.binary_cross_entropy_with_logits(raw[..., 4], obj_target, reduction="none")
+            obj_weight = obj_gain * balance[level] / obj_bce.numel()
+            totals["loss_obj"] = totals["loss_obj"] + obj_weight * obj_bce[~assigned.negatives].sum()
+            totals["loss_noobj"] = totals["loss_noobj"] + obj_weight * obj_bce[assigned.negatives].sum()
+        return totals

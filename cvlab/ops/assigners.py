@@ -8,7 +8,12 @@ them:
   through the one of its B predictors whose box overlaps the object most;
 - :class:`BestAnchorAssigner` (YOLOv2/v3, Redmon & Farhadi 2017/2018; Darknet's region / yolo layers): the anchor of
   best shape IoU among all anchors of all levels, in the cell containing the centre, answers for it; a prediction
-  that is no positive is a negative unless its box overlaps some object by more than ``ignore_thresh``.
+  that is no positive is a negative unless its box overlaps some object by more than ``ignore_thresh``. With
+  ``iou_thresh`` < 1 (YOLOv4, Bochkovskiy et al. 2020, "using multiple anchors for a single ground truth"), every
+  other anchor whose shape IoU with the object exceeds it answers for the object too.
+- :class:`RatioAnchorAssigner` (YOLOv5, ultralytics/yolov5): every anchor of every level whose width and height
+  ratios to the object's are within ``anchor_t``, in the centre's cell and its two nearest neighbour cells; every
+  other prediction is a negative.
 
 When two objects claim the same slot (v1: a cell; v2/v3: an anchor of a cell), the later one keeps it, as in Darknet.
 Written by hand: torchvision's ``Matcher`` matches placed anchors to objects by IoU thresholds, which is not YOLO's
@@ -130,13 +135,18 @@ class BestAnchorAssigner:
     containing its centre; the predictions that are not positives and overlap no object by more than
     ``ignore_thresh`` are the negatives (the rest are left out of the objectness loss).
 
+    ``iou_thresh`` (YOLOv4's yolo layer; 1 = off, as in v2/v3): on every level, each anchor whose shape IoU with the
+    object is above it is a positive as well, wherever the best anchor lies (yolov4.cfg: 0.213). An anchor shape
+    listed on several levels (yolov4-tiny.cfg's masks share one) is a positive on each of them when it is the best.
+
     ``__call__(pred_boxes, anchors, targets, image_size=(H, W)) -> list[AnchorAssignment]`` with, per level ``l``,
     ``pred_boxes[l]: Tensor[N, A_l, H_l, W_l, 4]`` decoded xyxy pixels (no gradient) and ``anchors[l]: Tensor[A_l, 2]``
     pixel (w, h).
     """
 
-    def __init__(self, ignore_thresh: float):
+    def __init__(self, ignore_thresh: float, iou_thresh: float = 1.0):
         self.ignore_thresh = ignore_thresh
+        self.iou_thresh = iou_thresh
 
     def __call__(self, pred_boxes: list[torch.Tensor], anchors: list[torch.Tensor], targets: list[dict],
                  image_size: tuple[int, int]) -> list[AnchorAssignment]:
@@ -146,21 +156,78 @@ class BestAnchorAssigner:
         centre_size = box_convert(boxes, "xyxy", "cxcywh")
         all_anchors = torch.cat(list(anchors)).to(device=device, dtype=torch.float32)
         anchor_level = torch.cat([torch.full((len(a),), level, device=device) for level, a in enumerate(anchors)])
-        anchor_in_level = torch.cat([torch.arange(len(a), device=device) for a in anchors])
-        best_anchor = wh_iou(centre_size[:, 2:], all_anchors).argmax(dim=1)
+        shape_iou = wh_iou(centre_size[:, 2:], all_anchors)  # Tensor[M, K]
+        _, shape_id = torch.unique(all_anchors, dim=0, return_inverse=True)
+        best_shape = shape_id[shape_iou.argmax(dim=1)]
+        positive = (shape_id == best_shape[:, None]) | (shape_iou > self.iou_thresh)  # Tensor[M, K]
 
         assignments = []
         for level, level_boxes in enumerate(pred_boxes):
             num_anchors, grid_h, grid_w = level_boxes.shape[1:4]
             negatives = unmatched_predictions(level_boxes, image_index, boxes, self.ignore_thresh)
-            on_level = anchor_level[best_anchor] == level
-            obj_image, obj_boxes, obj_labels = image_index[on_level], boxes[on_level], labels[on_level]
-            obj_centre, anchor = centre_size[on_level, :2], anchor_in_level[best_anchor[on_level]]
+            obj, anchor = positive[:, anchor_level == level].nonzero(as_tuple=True)  # object-major, as Darknet
+            obj_image, obj_boxes, obj_labels = image_index[obj], boxes[obj], labels[obj]
+            obj_centre = centre_size[obj, :2]
             col = (obj_centre[:, 0] / (img_w / grid_w)).floor().long().clamp(0, grid_w - 1)
             row = (obj_centre[:, 1] / (img_h / grid_h)).floor().long().clamp(0, grid_h - 1)
             keep = last_occurrence(((obj_image * num_anchors + anchor) * grid_h + row) * grid_w + col)
             assignment = AnchorAssignment(obj_image[keep], anchor[keep], row[keep], col[keep], obj_boxes[keep],
                                           obj_labels[keep], negatives)
+            negatives[assignment.slot] = False
+            assignments.append(assignment)
+        return assignments
+
+
+class RatioAnchorAssigner:
+    """YOLOv5's assignment (ultralytics/yolov5 ``utils/loss.py``, ``ComputeLoss.build_targets``): on every level,
+    an object goes to each anchor whose width and height ratios to the object's are all within ``anchor_t``
+    (``max(r, 1 / r) < anchor_t`` for ``r = w / pw`` and ``h / ph``; the box decoding reaches at most 4× the
+    anchor), in the cell containing its centre and in the two neighbouring cells nearest to the centre: one across
+    the nearer side of the cell, one across the nearer top or bottom (the cell at ``floor(c ∓ ½)``; none across the
+    image border). An object of ratio ``anchor_t`` or more to every anchor of every level is no positive anywhere.
+
+    Every slot that answers for no object is a negative. A slot claimed twice (two objects, or one object through
+    two cells) answers for each claim in the box and class terms, as in YOLOv5. Positives come in YOLOv5's order:
+    the centre cells first, then the left, upper, right and lower neighbours; within each, anchor-major.
+
+    ``__call__(grid_sizes, anchors, targets, image_size=(H, W)) -> list[AnchorAssignment]`` with, per level ``l``,
+    ``grid_sizes[l] = (H_l, W_l)`` and ``anchors[l]: Tensor[A_l, 2]`` pixel (w, h).
+    """
+
+    # Neighbour cells: (which of the two "near the lower / upper side" masks, axis, offset in cells of the centre).
+    _NEIGHBOURS = ((0, 0, -0.5), (0, 1, -0.5), (1, 0, 0.5), (1, 1, 0.5))
+
+    def __init__(self, anchor_t: float = 4.0):
+        if anchor_t <= 1:
+            raise ValueError(f"anchor_t is a bound on max(r, 1 / r) >= 1, so it must be above 1, got {anchor_t}")
+        self.anchor_t = anchor_t
+
+    def __call__(self, grid_sizes: list[tuple[int, int]], anchors: list[torch.Tensor], targets: list[dict],
+                 image_size: tuple[int, int]) -> list[AnchorAssignment]:
+        device = anchors[0].device
+        image_index, boxes, labels = flatten_targets(targets, device)
+        centre_size = box_convert(boxes, "xyxy", "cxcywh")
+        assignments = []
+        for (grid_h, grid_w), level_anchors in zip(grid_sizes, anchors, strict=True):
+            ratio = centre_size[None, :, 2:] / level_anchors.to(centre_size)[:, None]  # Tensor[A, M, 2]
+            anchor, obj = (torch.max(ratio, 1 / ratio).amax(dim=2) < self.anchor_t).nonzero(as_tuple=True)
+            grid = centre_size.new_tensor([grid_w, grid_h])
+            centre = centre_size[obj, :2] * grid / centre_size.new_tensor([image_size[1], image_size[0]])
+            # YOLOv5's tests: the centre lies in the lower (upper) half of its cell along the axis, and more than one
+            # cell away from the image's near (far) border.
+            near = ((centre % 1 < 0.5) & (centre > 1), ((grid - centre) % 1 < 0.5) & (grid - centre > 1))
+            picks, cells = [torch.arange(len(obj), device=device)], [centre.floor()]
+            for side, axis, offset in self._NEIGHBOURS:
+                pick = near[side][:, axis].nonzero(as_tuple=True)[0]
+                shifted = centre[pick].clone()
+                shifted[:, axis] += offset
+                picks.append(pick)
+                cells.append(shifted.floor())
+            pick, cell = torch.cat(picks), torch.cat(cells).long()
+            col, row = cell[:, 0].clamp(0, grid_w - 1), cell[:, 1].clamp(0, grid_h - 1)
+            obj, anchor = obj[pick], anchor[pick]
+            negatives = torch.ones(len(targets), len(level_anchors), grid_h, grid_w, dtype=torch.bool, device=device)
+            assignment = AnchorAssignment(image_index[obj], anchor, row, col, boxes[obj], labels[obj], negatives)
             negatives[assignment.slot] = False
             assignments.append(assignment)
         return assignments

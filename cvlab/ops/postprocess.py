@@ -4,6 +4,9 @@ Papers:
     Redmon et al. 2016, "You Only Look Once" (YOLOv1: a box is a cell offset plus √w, √h of the image size).
     Redmon & Farhadi 2017, "YOLO9000" (YOLOv2/v3 "direct location prediction":
     ``bx = σ(tx) + cx``, ``by = σ(ty) + cy``, ``bw = pw · exp(tw)``, ``bh = ph · exp(th)``).
+    Bochkovskiy et al. 2020, "YOLOv4" (grid sensitivity: ``bx = s · σ(tx) − (s − 1) / 2 + cx``).
+    Jocher et al., ultralytics/yolov5 v4.0+ (no paper; its Detect layer: ``bx = 2σ(tx) − 0.5 + cx``, the grid
+    sensitivity with s = 2, and ``bw = pw · (2σ(tw))²``).
 
 The YOLO box parameterisations are not in torchvision, so they are written here; score thresholding, clipping and
 class-wise NMS use ``torchvision.ops`` (``clip_boxes_to_image``, ``batched_nms``).
@@ -45,22 +48,43 @@ def decode_cell_boxes(pred: torch.Tensor, image_size: tuple[int, int]) -> torch.
     return box_convert(torch.stack((cx, cy, w, h), -1), "cxcywh", "xyxy")
 
 
-def decode_anchor_boxes(raw: torch.Tensor, anchors: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+def anchor_cell_offsets(raw_xy: torch.Tensor, xy_scale: float = 1.0) -> torch.Tensor:
+    """The centre's offset in its cell from the raw ``(tx, ty)``: ``σ(t)`` (YOLOv2/v3), or with YOLOv4's grid
+    sensitivity ``s · σ(t) − (s − 1) / 2`` (Darknet's ``scale_x_y``; s > 1 lets the centre reach the cell's edges
+    at finite logits)."""
+    offsets = raw_xy.sigmoid()
+    return offsets if xy_scale == 1.0 else offsets * xy_scale - (xy_scale - 1) / 2
+
+
+def anchor_size_scales(raw_wh: torch.Tensor, bounded_size: bool = False) -> torch.Tensor:
+    """The box's size as a multiple of its anchor's from the raw ``(tw, th)``: ``exp(t)`` (YOLOv2/v3; clamped so an
+    untrained head cannot give inf boxes), or YOLOv5's ``(2σ(t))²``, bounded to (0, 4): the anchor-ratio matching
+    (``anchor_t = 4``) never asks for more, and no exp can blow up its gradients."""
+    if bounded_size:
+        return (2 * raw_wh.sigmoid()).square()
+    return raw_wh.clamp(max=_MAX_LOG_SCALE).exp()
+
+
+def decode_anchor_boxes(raw: torch.Tensor, anchors: torch.Tensor, image_size: tuple[int, int],
+                        xy_scale: float = 1.0, bounded_size: bool = False) -> torch.Tensor:
     """YOLOv2/v3 direct location prediction → absolute xyxy.
 
     ``raw: Tensor[N, A, H, W, 4]`` holds the raw ``(tx, ty, tw, th)`` of ``A`` anchors on an H×W grid, and
     ``anchors: Tensor[A, 2]`` their (w, h) in pixels. The stride is ``image_size / grid`` per axis, so any input
-    size works (multi-scale training). Returns Tensor[N, A, H, W, 4].
+    size works (multi-scale training). ``xy_scale``: see :func:`anchor_cell_offsets`; ``bounded_size``: see
+    :func:`anchor_size_scales` (YOLOv5: ``xy_scale=2, bounded_size=True``). Returns Tensor[N, A, H, W, 4].
     """
     grid_h, grid_w = raw.shape[-3], raw.shape[-2]
     stride_y, stride_x = image_size[0] / grid_h, image_size[1] / grid_w
     cols, rows = _cell_grid(grid_h, grid_w, raw.device, raw.dtype)
-    cx = (raw[..., 0].sigmoid() + cols) * stride_x
-    cy = (raw[..., 1].sigmoid() + rows) * stride_y
+    offsets = anchor_cell_offsets(raw[..., :2], xy_scale)
+    cx = (offsets[..., 0] + cols) * stride_x
+    cy = (offsets[..., 1] + rows) * stride_y
     anchor_w = anchors[:, 0].view(-1, 1, 1).to(raw)
     anchor_h = anchors[:, 1].view(-1, 1, 1).to(raw)
-    w = anchor_w * raw[..., 2].clamp(max=_MAX_LOG_SCALE).exp()
-    h = anchor_h * raw[..., 3].clamp(max=_MAX_LOG_SCALE).exp()
+    scales = anchor_size_scales(raw[..., 2:4], bounded_size)
+    w = anchor_w * scales[..., 0]
+    h = anchor_h * scales[..., 1]
     return box_convert(torch.stack((cx, cy, w, h), -1), "cxcywh", "xyxy")
 
 
@@ -77,7 +101,8 @@ def select_detections(
     """One image: clip, keep (box, class) pairs scoring above ``conf_thresh``, class-wise NMS, best ``max_det``.
 
     Args:
-        boxes: Tensor[K, 4] xyxy pixels.
+        boxes: Tensor[K, 4] xyxy pixels, or Tensor[K, C, 4]: a box per class (the R-CNN family's class-specific
+            box regression).
         scores: Tensor[K, C], the class-specific confidence (YOLO: objectness × class probability).
         multi_label: a box may be kept once per class scoring above the threshold (as Darknet's evaluation);
             False keeps only each box's best class.
@@ -96,7 +121,7 @@ def select_detections(
     if kept_scores.numel() > pre_nms_topk:
         kept_scores, top = kept_scores.topk(pre_nms_topk)
         box_index, labels = box_index[top], labels[top]
-    kept_boxes = boxes[box_index]
+    kept_boxes = boxes[box_index, labels] if boxes.ndim == 3 else boxes[box_index]
     keep = batched_nms(kept_boxes, kept_scores, labels, iou_thresh)[:max_det]
     return dict(boxes=kept_boxes[keep], scores=kept_scores[keep], labels=labels[keep].long())
 

@@ -75,15 +75,16 @@ def _attn_or_identity(attn_layer: AttnFactory | None, chs: int) -> nn.Module:
 
 
 class DarknetResidual(nn.Module):
-    """Darknet-53's block: ``x + attn(conv3×3(conv1×1(x)))`` with the 1×1 halving the channels.
+    """Darknet-53's block: ``x + attn(conv3×3(conv1×1(x)))`` with the 1×1 halving the channels (``hidden_chs``: to
+    that width instead; YOLOv5's C3 blocks keep the width).
 
     Unlike ResNet there is no activation after the add (Darknet's ``[shortcut] activation=linear``).
     """
 
     def __init__(self, chs: int, norm_layer: NormFactory | None, act_layer: ActFactory,
-                 attn_layer: AttnFactory | None = None):
+                 attn_layer: AttnFactory | None = None, hidden_chs: int | None = None):
         super().__init__()
-        hidden = max(1, chs // 2)
+        hidden = hidden_chs or max(1, chs // 2)
         self.reduce = ConvNormAct(chs, hidden, 1, norm_layer=norm_layer, act_layer=act_layer)
         self.conv = ConvNormAct(hidden, chs, 3, norm_layer=norm_layer, act_layer=act_layer)
         self.attn = _attn_or_identity(attn_layer, chs)

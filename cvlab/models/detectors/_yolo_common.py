@@ -21,15 +21,15 @@ from cvlab.utils.errors import UserError
 RELEASE_IMAGE_SIZE = 416
 
 
-def anchors_for(anchors: Sequence[Sequence[float]] | None, default_at_416: Sequence[Sequence[float]],
-                image_size: int) -> torch.Tensor:
+def anchors_for(anchors: Sequence[Sequence[float]] | None, default: Sequence[Sequence[float]],
+                image_size: int, release_size: int = RELEASE_IMAGE_SIZE) -> torch.Tensor:
     """Tensor[K, 2] anchor (w, h) in pixels: the user's list as given (pixels at the model's image_size), else the
-    released default rescaled from 416 px to ``image_size``."""
+    released default rescaled from ``release_size`` px (416; YOLOv5's are for 640) to ``image_size``."""
     if anchors is not None:
         # Plain floats first: Hydra hands the list over as nested ListConfig.
         wh = torch.tensor([(float(w), float(h)) for w, h in anchors], device="cpu")
     else:
-        wh = torch.as_tensor(default_at_416, dtype=torch.float32, device="cpu") * (image_size / RELEASE_IMAGE_SIZE)
+        wh = torch.as_tensor(default, dtype=torch.float32, device="cpu") * (image_size / release_size)
     if (wh <= 0).any():
         raise ValueError(f"anchor sizes must be positive, got {wh.tolist()}")
     return wh
@@ -142,7 +142,7 @@ class AnchorYolo(YoloDetector):
         return self.head(self.neck(self.backbone(images)))
 
     def compute_loss(self, raw: list[torch.Tensor], targets: list[dict], image_size: tuple[int, int]):
-        return self.loss(raw, self.level_anchors(), targets, image_size)
+        return self.loss(raw, self.level_anchors(), targets, image_size, xy_scales=self.head.level_xy_scales())
 
     def decode(self, raw: list[torch.Tensor], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head.decode(raw, self.level_anchors(), image_size, self.class_probabilities)
