@@ -254,15 +254,18 @@ def test_imagefolder_counts_its_classes_and_refuses_another_number(roots, capsys
 # ------------------------------------------------------------------------------------------------- models
 def _model_alternative(model: str, key: str, value):
     if key == "anchors":  # each YOLO's own count of anchors, in pixels
-        count = {"yolov2": 5, "yolov2_tiny": 5, "yolov3": 9, "yolov3_tiny": 6, **dict.fromkeys(
-            ["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"], 9)}[model]
+        count = {"yolov2": 5, "yolov2_tiny": 5, "yolov3": 9, "yolov3_tiny": 6, "yolov4": 9, "yolov4_tiny": 6,
+                 **dict.fromkeys(["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"], 9)}[model]
         return [[8.0 * (i + 1), 6.0 * (i + 1)] for i in range(count)]
     table = {"stem": "standard" if value != "standard" else "small", "output_stride": 16, "head": "gdc",
              "drop_rate": 0.35, "zero_init_residual": True, "width_mult": 0.5, "patch_size": 4, "attn_drop_rate": 0.1,
              "width": 0.5, "depth": 0.5, "conf_thresh": 0.01, "iou_thresh": 0.5, "max_det": 50,
              "backbone": "resnet18" if value != "resnet18" else "resnet34",
              "bn_momentum": 0.05 if value != 0.05 else 0.2, "padding": "valid" if value != "valid" else "same",
-             "aux_heads": not value, "aux_head": not value, "aux_weights": [0.5, 2.0], "aux_weight": 0.2}
+             "aux_heads": not value, "aux_head": not value, "aux_weights": [0.5, 2.0], "aux_weight": 0.2,
+             "xy_scales": [1.3] * (2 if model.endswith("tiny") else 3), "dropblock": 0.1, "dropblock_size": 5,
+             "backbone_args": {"stem": "small"}, "warp_size": 48, "context": 8,
+             "proposals": {"method": "selective_search", "mode": "quality", "max_proposals": 500}}
     assert key in table, f"model key {key!r} has no alternative value in this test: add one"
     assert table[key] != value, (model, key)
     return table[key]
@@ -295,7 +298,8 @@ def _build(model_cfg: dict, values: bool) -> tuple:
 
 # The smallest model of each family; the others share their family's keys (checked below) and walk in the slow run.
 FAMILY_REPRESENTATIVES = ("darknet19", "mobilenetv3_small", "resnet18", "vit_tiny", "yolov1_tiny", "yolov2_tiny",
-                          "yolov3_tiny", "yolov5n", "unet", "bisenet", "danet")
+                          "yolov3_tiny", "yolov4_tiny", "yolov4", "yolov5n", "unet", "bisenet", "danet",
+                          "rcnn")
 
 
 def _model_keys(model: str) -> set[str]:

@@ -22,6 +22,7 @@ def n_params(module: nn.Module) -> int:
 
 
 def family(name: str) -> str:
+    name = name.removeprefix("csp")  # CSPDarknet53 keeps Darknet-53's stages
     return next(prefix for prefix in ("resnet", "resnext", "mobilenet", "vit", "darknet") if name.startswith(prefix))
 
 

@@ -101,7 +101,8 @@ class AnchorHead(nn.Module):
             raise ValueError(f"{len(in_channels)} input levels but {len(hidden_channels)} hidden widths and "
                              f"{len(objectness_biases)} objectness biases")
         self.num_anchors, self.num_classes = num_anchors, num_classes
-        self.xy_scale, self.bounded_size = xy_scale, bounded_size
+        self.xy_scale = xy_scale if isinstance(xy_scale, (int, float)) else tuple(xy_scale)
+        self.bounded_size = bounded_size
         self.levels = nn.ModuleList(AnchorPredictor(in_chs, hidden_chs, num_anchors, num_classes, norm_layer,
                                                     act_layer, objectness_bias=objectness_bias, class_bias=class_bias)
                                     for in_chs, hidden_chs, objectness_bias in zip(in_channels, hidden_channels,
