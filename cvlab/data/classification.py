@@ -9,6 +9,11 @@ and the run's log says so. The generated sets draw their three splits from the s
 Transforms are torchvision.transforms.v2. Training order comes from the ``sampler`` plug-in (epoch-seeded, see
 ``cvlab.data.samplers``) and the loaders carry their own generators, saved with the checkpoint, so a resumed run
 sees exactly the batches an uninterrupted one would.
+
+Class imbalance (:mod:`cvlab.data.imbalance`): ``data.imbalance_ratio`` thins the training split to a long tail
+(the validation and test splits stay the source's), and the imbalanced-learn samplers (``sampler=smote``...)
+replace the training set by its resampled view when the data is read. Two-image augmentation (mixup, CutMix,
+SamplePairing: :mod:`cvlab.data.mixing`) wraps the training set.
 """
 from __future__ import annotations
 
@@ -23,11 +28,20 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from cvlab.data.base import IMAGE_EXTENSIONS, DataInfo, SplitDataModule, cut_note, cut_splits
+from cvlab.data.imbalance import (
+    Resampler,
+    check_imbalance,
+    check_resampling,
+    is_resampler,
+    long_tail_indices,
+    pixel_budget,
+)
+from cvlab.data.mixing import CutMixImages, MixupImages, SamplePairingImages
 from cvlab.data.shapes import SHAPE_CLASSES, ShapesClassification
 from cvlab.utils.errors import UserError
 from cvlab.utils.images import check_images, open_image
-from cvlab.utils.plugins import plain_config
-from cvlab.utils.validate import check_image_size, check_loader, check_number
+from cvlab.utils.plugins import instantiate_plugin, plain_config
+from cvlab.utils.validate import check_image_size, check_loader, check_number, check_probability
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +339,43 @@ def _check_arguments(source: str, name: str, root, image_size, in_chans, num_cla
                         "sub-folders (or of train/, val/, test/ folders of them).")
 
 
+# Single-image augmentation settings beyond crop and flip; like those they act only with data.augment=true.
+_AUGMENT_SETTINGS = ("rotate", "color_jitter", "noise", "erasing")
+# SamplePairing's schedule (start, on, off, stop epochs) and its default, the paper's CIFAR one.
+_PAIRING_KEYS = ("pairing_start", "pairing_on", "pairing_off", "pairing_stop")
+_PAIRING_SCHEDULE = (100, 8, 2, None)
+
+
+def _check_augmentation(augment, rotate, color_jitter, noise, erasing, mixup_alpha, cutmix_alpha, sample_pairing,
+                        pairing: tuple) -> None:
+    """The augmentation settings, checked with the other arguments (one line each, naming the data.* key)."""
+    check_number("data.rotate", rotate, 0, 180, hint=" (degrees: a random rotation within ±rotate)")
+    check_number("data.color_jitter", color_jitter, 0, 1)
+    check_number("data.noise", noise, 0, hint=" (the standard deviation of Gaussian pixel noise, on [0, 1] pixels)")
+    check_probability("data.erasing", erasing)
+    given = {key: value for key, value in zip(_AUGMENT_SETTINGS, (rotate, color_jitter, noise, erasing)) if value}
+    if given and not augment:
+        raise UserError(f"data.{next(iter(given))} acts only with data.augment=true (which adds the random crop).")
+    check_number("data.mixup_alpha", mixup_alpha, 0, hint=" (0: off; the paper's 0.2 on ImageNet, 1 on CIFAR)")
+    check_number("data.cutmix_alpha", cutmix_alpha, 0, hint=" (0: off; the paper's 1)")
+    if not isinstance(sample_pairing, bool):
+        raise UserError(f"data.sample_pairing is true or false, got {sample_pairing!r}.")
+    mixing = [key for key, on in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha),
+                                  ("sample_pairing", sample_pairing)) if on]
+    if len(mixing) > 1:
+        raise UserError(f"data.{mixing[0]} and data.{mixing[1]} both mix training images; choose one.")
+    if not sample_pairing and pairing != _PAIRING_SCHEDULE:
+        changed = next(key for key, value, default in zip(_PAIRING_KEYS, pairing, _PAIRING_SCHEDULE)
+                       if value != default)
+        raise UserError(f"data.{changed} is SamplePairing's schedule: add data.sample_pairing=true.")
+    start, on, off, stop = pairing
+    check_number("data.pairing_start", start, 0, integer=True)
+    check_number("data.pairing_on", on, 1, integer=True)
+    check_number("data.pairing_off", off, 0, integer=True)
+    check_number("data.pairing_stop", stop, start, integer=True, optional=True,
+                 hint=" (the epoch SamplePairing stops for good, at or after data.pairing_start)")
+
+
 class ClassificationDataModule(SplitDataModule):
     """One datamodule for every classification source (``source=``: digits, shapes, synthetic, imagefolder,
     cifar10, cifar100, mnist, fashion_mnist).
@@ -339,6 +390,20 @@ class ClassificationDataModule(SplitDataModule):
     bombs (None: PIL's limit). ``in_chans`` None is the source's own (1 for digits and MNIST, else 3). Every
     argument is checked here, before anything is read: a source's fixed channels and class count refuse other
     values.
+
+    Class imbalance: ``imbalance_ratio`` ρ (None: off) keeps a long-tailed view of the training split,
+    ``imbalance_profile`` ``exp`` or ``step`` (:mod:`cvlab.data.imbalance`), drawn from ``seed``; ``train_labels``
+    and ``info.class_counts`` are the view's. A ``sampler`` that resamples (imbalanced-learn's, a
+    :class:`~cvlab.data.imbalance.Resampler`) makes ``train_set`` the resampled set when the data is read, from the
+    run's seed (:meth:`seed_order`), with ``resampled_labels`` its labels; the loader then shuffles it uniformly.
+    The counts the losses see stay those of the data, before resampling.
+
+    Augmentation of the training split: ``augment`` (a random crop, and a flip for sources whose images may be
+    mirrored) with, on top, ``rotate`` (degrees), ``color_jitter`` (brightness, contrast, saturation; hue a
+    quarter of it), ``noise`` (Gaussian, standard deviation on [0, 1] pixels) and ``erasing`` (the probability of
+    random erasing, Zhong et al. 2020), all torchvision.transforms.v2; and one of the two-image methods
+    (:mod:`cvlab.data.mixing`): ``mixup_alpha``, ``cutmix_alpha`` (0: off) or ``sample_pairing`` on the schedule
+    ``pairing_start``, ``pairing_on``, ``pairing_off``, ``pairing_stop`` (epochs).
     """
 
     kind = "classification"
@@ -364,16 +429,38 @@ class ClassificationDataModule(SplitDataModule):
         sampler: dict | None = None,
         seed: int = 42,
         max_image_pixels: int | None = None,
+        imbalance_ratio: float | None = None,
+        imbalance_profile: str = "exp",
+        rotate: float = 0.0,
+        color_jitter: float = 0.0,
+        noise: float = 0.0,
+        erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        sample_pairing: bool = False,
+        pairing_start: int = 100,
+        pairing_on: int = 8,
+        pairing_off: int = 2,
+        pairing_stop: int | None = None,
     ):
         if in_chans is None:  # before save_hyperparameters, which records it
             in_chans = _CHANNELS.get(source, (3,))[0]
         _check_arguments(source, name or source, root, image_size, in_chans, num_classes, batch_size, num_workers,
                          (train_size, val_size, test_size), max_image_pixels)
+        check_imbalance(imbalance_ratio, imbalance_profile)
+        _check_augmentation(augment, rotate, color_jitter, noise, erasing, mixup_alpha, cutmix_alpha, sample_pairing,
+                            (pairing_start, pairing_on, pairing_off, pairing_stop))
         sampler = plain_config(sampler)  # before save_hyperparameters: checkpoints hold plain python only
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, sampler=sampler,
                          val_fraction=val_fraction, test_fraction=test_fraction)
         self.save_hyperparameters()
+        # imbalanced-learn's samplers change the training set itself (read()); the loader then shuffles it uniformly.
+        self.resampling: dict | None = None
+        if is_resampler(self.sampler_config):
+            check_resampling(self.sampler_config)
+            self.resampling, self.sampler_config = self.sampler_config, None
         self.train_labels: list[int] = []
+        self.resampled_labels: list[int] | None = None
         self.class_names: list[str] = []
         self.problems: list[str] = []
 
@@ -385,25 +472,89 @@ class ClassificationDataModule(SplitDataModule):
         if split.problems:
             log.warning("%d file(s) skipped in %s", len(split.problems), hp.root)
         self.check_num_classes(hp.name or hp.source, hp.num_classes, split.class_names)
+        if hp.imbalance_ratio is not None:
+            self._long_tail(split)
         mean, std = _STATS.get(hp.source, ((0.5,) * hp.in_chans, (0.25,) * hp.in_chans))
         evaluation = self._transform(train=False, mean=mean, std=std)
-        self.train_set = TransformedDataset(split.train, self._transform(train=True, mean=mean, std=std))
-        self.val_set = TransformedDataset(split.val, evaluation)
-        self.test_set = TransformedDataset(split.test, evaluation)
         self.train_labels, self.class_names, self.problems = split.train_labels, split.class_names, split.problems
-        self.files = split.files
         self.note(f"data {hp.name or hp.source}: {split.note}; {len(split.train)} / {len(split.val)} / "
                   f"{len(split.test)} train / val / test images")
+        train = self._resampled(split.train) if self.resampling else split.train
+        self.train_set = TransformedDataset(train, self._transform(train=True, mean=mean, std=std))
+        self.val_set = TransformedDataset(split.val, evaluation)
+        self.test_set = TransformedDataset(split.test, evaluation)
+        self.files = split.files
 
-    def _transform(self, train: bool, mean, std) -> v2.Compose:
-        size = self.hparams.image_size
+    def _long_tail(self, split: Split) -> None:
+        """Thins ``split``'s training part to its long-tailed view (in place), keeping its files in step."""
+        hp = self.hparams
+        kept, counts = long_tail_indices(split.train_labels, len(split.class_names), hp.imbalance_ratio,
+                                         hp.imbalance_profile, hp.seed, split.class_names)
+        split.train = Subset(split.train, kept.tolist())
+        split.train_labels = [split.train_labels[i] for i in kept]
+        if split.files.get("train"):
+            split.files["train"] = [split.files["train"][i] for i in kept]
+        split.note += (f"; long-tailed training view, {hp.imbalance_profile} profile, ρ = {hp.imbalance_ratio:g}: "
+                       f"{', '.join(map(str, counts))} images per class, seed {hp.seed}")
+
+    def _resampled(self, train: Dataset) -> Dataset:
+        """The training images resampled by the imbalanced-learn sampler (:class:`Resampler`)."""
+        resampler: Resampler = instantiate_plugin(self.resampling, labels=self.train_labels, seed=self.order_seed)
+        pixels = self._transform(train=False, normalise=False)
+
+        def images() -> torch.Tensor:
+            shape = (self.hparams.in_chans, self.hparams.image_size, self.hparams.image_size)
+            pixel_budget(len(train), shape, resampler.method)
+            return torch.stack([pixels(image) for image, _ in train]).as_subclass(torch.Tensor)
+
+        resampled = resampler.view(train, images)
+        self.resampled_labels = resampled.labels
+        counts = np.bincount(resampled.labels, minlength=len(self.class_names))
+        lowered = f"; {resampler.lowered}" if resampler.lowered else ""
+        self.note(f"sampler {resampler.method} (imbalanced-learn, seed {resampler.seed}{lowered}): {len(train)} -> "
+                  f"{len(resampled.labels)} training images, {', '.join(map(str, counts))} per class")
+        before = np.bincount(self.train_labels, minlength=len(self.class_names))
+        emptied = [self.class_names[label] for label in np.flatnonzero((counts == 0) & (before > 0))]
+        if emptied:  # the cleaning methods (ENN) may remove a small class entirely
+            log.warning("sampler %s left no training image of class %s", resampler.method, ", ".join(emptied))
+        return resampled.dataset
+
+    def _transform(self, train: bool, mean=(), std=(), normalise: bool = True) -> v2.Compose:
+        """The pipeline of the training or evaluation images; without ``normalise``, pixels in [0, 1]."""
+        hp = self.hparams
+        size = hp.image_size
         steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Resize((size, size), antialias=True)]
-        if train and self.hparams.augment:
+        if train and hp.augment:
             steps.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
-            if self.hparams.source in _FLIPPABLE:
+            if hp.source in _FLIPPABLE:
                 steps.append(v2.RandomHorizontalFlip())
-        steps.append(v2.Normalize(mean, std))
+            if hp.rotate:
+                steps.append(v2.RandomRotation(hp.rotate))
+            if hp.color_jitter:
+                jitter = hp.color_jitter
+                steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4))
+            if hp.noise:
+                steps.append(v2.GaussianNoise(sigma=hp.noise))  # on [0, 1] pixels, clipped back to them
+        if normalise:
+            steps.append(v2.Normalize(mean, std))
+        if train and hp.augment and hp.erasing:
+            steps.append(v2.RandomErasing(hp.erasing))  # after Normalize: erased pixels read 0, the mean
         return v2.Compose(steps)
+
+    def training_view(self) -> tuple[Dataset, bool]:
+        """The training set, wrapped by the chosen two-image augmentation (asked for ``(epoch, index)`` keys)."""
+        hp = self.hparams
+        if hp.mixup_alpha:
+            return MixupImages(self.train_set, len(self.class_names), hp.mixup_alpha, self.order_seed), True
+        if hp.cutmix_alpha:
+            return CutMixImages(self.train_set, len(self.class_names), hp.cutmix_alpha, self.order_seed), True
+        if hp.sample_pairing:
+            begin = f"off for epochs 0-{hp.pairing_start - 1}, then " if hp.pairing_start else ""
+            stop = f", off for good from epoch {hp.pairing_stop}" if hp.pairing_stop is not None else ""
+            self.note(f"SamplePairing: {begin}{hp.pairing_on} epochs on and {hp.pairing_off} off in turn{stop}")
+            return SamplePairingImages(self.train_set, hp.pairing_start, hp.pairing_on, hp.pairing_off,
+                                       hp.pairing_stop, self.order_seed), True
+        return self.train_set, False
 
     def describe(self) -> DataInfo:
         labels = np.asarray(self.train_labels, dtype=np.int64)

@@ -41,7 +41,8 @@ class ClassificationTask(BaseTask):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        self.train_acc.update(logits, labels)
+        # mixup and CutMix give soft labels Tensor[N, C]; accuracy counts the larger share as the truth.
+        self.train_acc.update(logits, labels.argmax(-1) if labels.is_floating_point() else labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
