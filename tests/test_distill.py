@@ -393,6 +393,7 @@ def test_teacher_of_other_classes_is_one_line_exit_2_no_run_dir(distilled, tmp_p
     ("teacher.ckpt=missing.ckpt", "teacher.ckpt 'missing.ckpt' does not exist"),
     ("distill.train_fraction=0.001", "distill.train_fraction=0.001 keeps 1 of 1257 training images"),
     ("resume=last.ckpt", "cvlab distill resumes a killed run by running it again in the same run directory"),
+    ("data.mixup_alpha=0.2", "data.mixup_alpha mixes the labels of two images, which distillation cannot use"),
 ])
 def test_bad_distill_input_exits_2_and_removes_the_run_dir(tmp_path, capsys, override, expected):
     from cvlab.engine import run_guarded

@@ -132,6 +132,7 @@ def run_distill(cfg: DictConfig) -> tuple[dict, dict]:
     ckpt = str(Path(str(cfg.teacher.ckpt)).expanduser()) if cfg.teacher.ckpt else None
 
     # Everything that can be wrong is checked before the first step of training.
+    distillation.check_data(cfg.data)
     teacher_model = model_node(cfg.teacher)
     teacher_data = build_datamodule(stage_config(cfg, "teacher", teacher_model))
     info = teacher_data.info

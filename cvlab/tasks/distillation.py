@@ -166,6 +166,15 @@ def augmented_views(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([VIEW_AUGMENT(image) for image in images])
 
 
+def check_data(data_cfg) -> None:
+    """Refuses the data options that mix labels (mixup, CutMix, SamplePairing): the hard-label term and the
+    withheld labels of semi-supervised distillation read one class per image."""
+    mixing = next((key for key in ("mixup_alpha", "cutmix_alpha", "sample_pairing") if data_cfg.get(key)), None)
+    if mixing is not None:
+        raise UserError(f"data.{mixing} mixes the labels of two images, which distillation cannot use (its "
+                        f"hard-label term reads one class per image); drop data.{mixing} for cvlab distill.")
+
+
 @register_task("distillation")
 class DistillationTask(ClassificationTask):
     """The student (``model``) learns from a frozen teacher; validation, metrics and checkpoints are the student's."""
