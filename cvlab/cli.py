@@ -79,10 +79,27 @@ def complete_task(overrides: list[str], announce: bool = False) -> list[str]:
         fail(f"model {model!r} is a {model_task} model; task={task} takes one of {', '.join(_models_of(task))}.")
     if _choice(overrides, "data") is None and task in config.options("task") and task != "classification":
         extra.append(f"data={config.read_option('task', task)['default_data']}")
+    if task in config.options("task"):
+        extra += _leave_out_unused_groups(overrides, task)
     if extra and announce:
         console.print(f"model={model}: {' '.join(extra)} (give task=/data= to choose otherwise)", style="dim",
                       highlight=False)
     return extra + overrides
+
+
+def _leave_out_unused_groups(overrides: list[str], task: str) -> list[str]:
+    """``~group`` for each of train.yaml's groups that ``task`` does not read (its yaml's ``unused_groups``: a GAN's
+    two optimisers replace ``optimizer``); one given anyway is refused, with the task's reason."""
+    from cvlab.utils import config
+    from cvlab.utils.console import fail
+
+    unused = config.read_option("task", task).get("unused_groups") or {}
+    left_out = [f"~{group}" for group in unused]
+    for override in overrides:
+        group = override.lstrip("+~").partition("=")[0].partition(".")[0]
+        if group in unused and override not in left_out:  # a study's cells come with the ~group already
+            fail(f"task={task} does not read {group}: {unused[group]}; drop {override}.")
+    return [option for option in left_out if option not in overrides]
 
 
 # `cvlab distill teacher=resnet50 student=mobilenetv2`: the two model slots of distill.yaml (`model@teacher`).
@@ -215,6 +232,22 @@ def predict(ctx: typer.Context) -> None:
     if not Path(source).expanduser().exists():
         fail(f"source {source!r} does not exist; give an image file or a folder of images.")
     launch("predict", "predict", "predict", ctx.args)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def generate(ctx: typer.Context) -> None:
+    """Sample a generation checkpoint: cvlab generate ckpt=runs/generation/.../weights/best.ckpt [n=64] [seed=1]
+    [truncation=0.7] [truncation_cutoff=N] [label=CLASS]
+
+    Writes runs/generation/<model>/<time>/generate/<time>/: n PNGs at the model's resolution (images/), grid.png and
+    generate.json, from the generator's EMA. Latents and noise are drawn from the seed: the same seed gives the same
+    images. truncation (psi, the style models): 1 = none, 0 = the average image; label fixes one class (index or name)
+    of a conditional model, else the classes come in turn.
+    Example: cvlab generate ckpt=runs/generation/stylegan2/<time>/weights/best.ckpt n=64 truncation=0.7 seed=1
+    """
+    overrides = _split(ctx.args)[1]
+    _require_checkpoint("generate", overrides)
+    launch("generate", "generate", "generate", ctx.args)
 
 
 @app.command(context_settings=PASS_THROUGH)

@@ -15,7 +15,7 @@ def test_help_is_fast_and_lists_every_command():
     elapsed = time.perf_counter() - started
     assert result.returncode == 0
     for command in ("train", "eval", "sweep", "list", "info", "smoke", "distill", "predict", "anchors", "tune",
-                    "export", "study"):
+                    "export", "study", "generate"):
         assert command in result.stdout
     assert elapsed < 1.0, f"cvlab --help took {elapsed:.2f}s"
 

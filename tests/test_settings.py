@@ -269,6 +269,14 @@ def _model_alternative(model: str, key: str, value):
              "bn_momentum": 0.05 if value != 0.05 else 0.2, "padding": "valid" if value != "valid" else "same",
              "aux_heads": not value, "aux_head": not value, "aux_weights": [0.5, 2.0], "aux_weight": 0.2,
              "xy_scales": [1.3] * (2 if model.endswith("tiny") else 3), "dropblock": 0.1, "dropblock_size": 5,
+             # the GANs' (progan, stylegan, stylegan2)
+             "conditional": not value, "latent_dim": 64, "w_dim": 64, "fmap_base": 256, "fmap_max": 64,
+             "progressive": not value, "kimg_per_phase": 3.0, "pixel_norm": not value, "equalized_lr": not value,
+             "mbstd_group": 0, "gp_weight": 0.0, "gp_target": 2.0, "drift_weight": 0.0, "lr": 0.003,
+             "betas": [0.5, 0.9], "mapping_layers": 4, "mapping_lr_mul": 0.1, "w_avg_beta": 0.9, "style_mixing": 0.0,
+             "use_noise": not value, "instance_norm": not value, "const_input": not value, "blur": not value,
+             "r1_gamma": 1.0, "r1_interval": 4, "demodulate": not value, "g_architecture": "orig",
+             "d_architecture": "orig", "pl_weight": 0.0, "pl_decay": 0.02, "pl_interval": 8, "pl_batch_shrink": 1,
              "backbone_args": {"stem": "small"}, "warp_size": 48, "context": 8,
              "proposals": {"method": "selective_search", "mode": "quality", "max_proposals": 500}}
     assert key in table, f"model key {key!r} has no alternative value in this test: add one"
@@ -303,7 +311,8 @@ def _build(model_cfg: dict, values: bool) -> tuple:
 
 # The smallest model of each family; the others share their family's keys (checked below) and walk in the slow run.
 FAMILY_REPRESENTATIVES = ("darknet19", "mobilenetv3_small", "resnet18", "vit_tiny", "yolov1_tiny", "yolov2_tiny",
-                          "yolov3_tiny", "yolov4_tiny", "yolov4", "yolov5n", "unet", "bisenet", "danet")
+                          "yolov3_tiny", "yolov4_tiny", "yolov4", "yolov5n", "unet", "bisenet", "danet", "progan",
+                          "stylegan", "stylegan2")
 
 
 def _model_keys(model: str) -> set[str]:

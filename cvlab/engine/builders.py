@@ -127,8 +127,9 @@ def quiet_trainer(trainer_cfg: DictConfig, out):
 
 def checkpoint_datamodule(task: BaseTask, data_cfg: DictConfig | None, seed: int):
     """The data to evaluate a restored ``task`` on, set up: ``data_cfg`` when given (with ``seed``), else the
-    checkpoint's own data config and seed (so its splits are the ones the training run cut). Refuses data whose
-    classes or channels differ from the checkpoint's."""
+    checkpoint's own data config and seed (so its splits are the ones the training run cut), with what the model
+    reads beside the images (:meth:`~cvlab.tasks.base.BaseTask.attach_inputs`). Refuses data whose classes or
+    channels differ from the checkpoint's."""
     from omegaconf import OmegaConf
 
     from cvlab.utils.errors import UserError
@@ -143,4 +144,5 @@ def checkpoint_datamodule(task: BaseTask, data_cfg: DictConfig | None, seed: int
     if info.num_classes != expected.num_classes or info.in_chans != expected.in_chans:
         raise UserError(f"data {data_cfg.name!r} has {info.num_classes} classes x {info.in_chans} channels but the "
                         f"checkpoint was trained on {expected.num_classes} x {expected.in_chans}.")
+    task.attach_inputs(datamodule)
     return datamodule

@@ -25,8 +25,8 @@ from cvlab.utils.safety import CheckpointError, RefusedCheckpoint, check_config,
 from cvlab.utils.schedules import PLAN_KEYS
 
 # Keys of a model config that describe it rather than parameterise its constructor (adam_lr: the AdamW rate of the
-# model's own recipe, read by conf/optimizer/adamw.yaml).
-MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr")
+# model's own recipe, read by conf/optimizer/adamw.yaml; pipeline: the stages that train it, R-CNN's).
+MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr", "pipeline")
 # Keys of the trainer group that are cvlab's, not Lightning Trainer arguments: how a task runs its network
 # (:meth:`BaseTask.set_execution`). The engine's trainer builder leaves them out.
 EXECUTION_KEYS = ("compile", "channels_last")
@@ -188,6 +188,10 @@ class BaseTask(pl.LightningModule):
         """Settings that depend on the data, made concrete before the task is built (stored so in checkpoints)."""
         return configs
 
+    def attach_inputs(self, datamodule) -> None:
+        """Gives a datamodule built for a restored task (``cvlab eval``) what the model reads beside the images,
+        as :meth:`resolve` did for training (R-CNN's proposals); nothing by default."""
+
     def build_model(self, **kwargs) -> nn.Module:
         hp = self.hparams
         return build_model(
@@ -312,6 +316,11 @@ class BaseTask(pl.LightningModule):
         (:class:`cvlab.engine.export.CheckpointRunner`): ``info``, ``data``, ``transform``, ``postprocess`` and
         ``runner(batch) -> predict_step's output``; so a graph's predictions are drawn and saved by this same code."""
         raise UserError(f"cvlab predict does not support {cls.name} checkpoints yet.")
+
+    def generate_images(self, out: Path, n: int, seed: int, **settings) -> dict:
+        """``cvlab generate``: writes ``n`` images generated from ``seed`` into ``out`` and returns their json record;
+        only a generation task has a generator."""
+        raise UserError(f"cvlab generate samples a generation checkpoint; this one holds a {self.name} task.")
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod

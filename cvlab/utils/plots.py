@@ -116,3 +116,80 @@ def plot_mask_overlays(rows: list[tuple[np.ndarray, ...]], class_names: list[str
     fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- image grids
+# Grid tiles are enlarged (nearest) to at least this side, so 8-32 px samples stay visible; and the padding between.
+MIN_TILE = 64
+GRID_PADDING = 2
+
+
+def uint8_images(images):
+    """Images ``Tensor[N, C, H, W]`` in [-1, 1] (a generator's range) as uint8 ``Tensor[N, C, H, W]`` on the CPU."""
+    import torch
+
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_image_grid(images, path: Path, nrow: int) -> None:
+    """A PNG of ``images`` (``Tensor[N, C, H, W]`` in [-1, 1]) in rows of ``nrow``, each enlarged (nearest) to at
+    least :data:`MIN_TILE` px, :data:`GRID_PADDING` px of white between and around them (torchvision's make_grid).
+    :func:`grid_row` reads a row back."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+
+    scale = max(1, -(-MIN_TILE // images.shape[-1]))
+    tiles = uint8_images(images).float() / 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(F.interpolate(tiles, scale_factor=scale, mode="nearest"), path, nrow=nrow, padding=GRID_PADDING,
+               pad_value=1.0)
+
+
+def grid_row(path: Path, rows: int, row: int = 0) -> np.ndarray:
+    """Row ``row`` (with the padding above and below it) of a grid that :func:`save_image_grid` wrote with ``rows``
+    rows: ``uint8 H x W x 3``."""
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    tile = (pixels.shape[0] - GRID_PADDING) // rows - GRID_PADDING
+    top = row * (tile + GRID_PADDING)
+    return pixels[top:top + tile + 2 * GRID_PADDING]
+
+
+def plot_image_table(cells: list[list], path: Path, row_labels: list[str] | None = None,
+                     column_labels: list[str] | None = None, title: str | None = None) -> None:
+    """A table of images: ``cells[r][c]`` is an ``H x W`` (grey) or ``H x W x 3`` uint8 array, or None for an empty
+    cell; rows and columns optionally labelled (truncation sweeps, style-mixing grids, progression strips)."""
+    plt = _pyplot()
+    rows, columns = len(cells), max(len(row) for row in cells)
+    widths = [max((cells[r][c].shape[1] / cells[r][c].shape[0] for r in range(rows)
+                   if c < len(cells[r]) and cells[r][c] is not None), default=1.0) for c in range(columns)]
+    side = 1.1 if columns * rows <= 64 else 0.8  # inches a square panel takes
+    fig, axes = plt.subplots(rows, columns, squeeze=False, gridspec_kw={"width_ratios": widths},
+                             figsize=(side * sum(widths) + (0.9 if row_labels else 0.2),
+                                      side * rows + (0.4 if column_labels else 0.1) + (0.4 if title else 0)))
+    for r in range(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            cell = cells[r][c] if c < len(cells[r]) else None
+            if cell is None:
+                ax.axis("off")
+            else:
+                ax.imshow(cell, cmap="gray" if cell.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+            if column_labels and r == 0:
+                ax.set_title(column_labels[c], fontsize=8)
+            if row_labels and c == 0:
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(cell is not None)
+                ax.set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -450,6 +450,7 @@ def _try_datamodule(cfg) -> None:
         raise UserError(f"data={OmegaConf.select(cfg, 'data.name', default='')} refuses its settings: "
                         f"{first_line(error)}") from None
     task = OmegaConf.select(cfg, "task.name")
-    if task is not None and getattr(datamodule, "kind", task) != task:
-        raise UserError(f"data={cfg.data.get('name')} is {datamodule.kind} data but task={task} trains on {task} "
+    wanted = OmegaConf.select(cfg, "task.data_kind") or task  # a task may train on another task's data (generation)
+    if task is not None and getattr(datamodule, "kind", wanted) != wanted:
+        raise UserError(f"data={cfg.data.get('name')} is {datamodule.kind} data but task={task} trains on {wanted} "
                         f"data; choose a {datamodule.kind} model (`cvlab list model`) or other data.")
