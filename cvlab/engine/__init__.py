@@ -12,10 +12,11 @@ from cvlab.engine.builders import (
 from cvlab.engine.checkpoints import restore_task
 from cvlab.engine.export import ExportCheckFailed, export_checkpoint, open_runner
 from cvlab.engine.profiling import LATENCY_THREADS, LATENCY_WARMUP, cpu_profile, describe_model
+from cvlab.engine.rcnn import run_rcnn  # registers the R-CNN pipeline that run_train runs for model=rcnn
 from cvlab.engine.runs import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
 from cvlab.engine.stages import Column, Stage, StageContext, StageResult, run_stages
 from cvlab.engine.study import CellFailed, cli_cell_runner, plan_study, run_study, study_directory
-from cvlab.engine.training import evaluate, evaluate_checkpoint, finish_run, run_train
+from cvlab.engine.training import PIPELINES, evaluate, evaluate_checkpoint, finish_run, run_pipeline, run_train
 from cvlab.engine.tune import run_tune, tune_overrides
 from cvlab.models import list_models, model_task
 from cvlab.tasks import (
@@ -31,6 +32,7 @@ __all__ = [
     "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "instantiate_dict", "list_models", "model_task",
     "output_dir", "quiet_lightning", "quiet_trainer", "restore_task", "run_guarded", "run_stages", "run_train",
     "run_tune", "say_run_dir", "to_plain", "tune_overrides", "write_json",
+    "PIPELINES", "run_pipeline", "run_rcnn",  # multi-stage methods of cvlab train (model=rcnn)
     "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study
     "ExportCheckFailed", "export_checkpoint", "open_runner",  # cvlab export; cvlab predict of a checkpoint or export
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -23,11 +24,46 @@ def evaluate(trainer, task, datamodule, split: str, ckpt_path: str | None = None
     return _floats(run(task, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0])
 
 
+# Multi-stage methods that `cvlab train` runs instead of one fit, by the name in a model config's ``pipeline``
+# (``model=rcnn``: :mod:`cvlab.engine.rcnn`); each registers itself with :func:`register_pipeline`.
+PIPELINES: dict[str, Callable[[DictConfig], tuple[dict, dict]]] = {}
+
+
+def register_pipeline(name: str):
+    """Function decorator: ``run(cfg) -> (metrics, objects)`` is what `cvlab train` runs for a model whose config
+    has ``pipeline: {name: <name>, ...}``."""
+
+    def wrap(run: Callable[[DictConfig], tuple[dict, dict]]):
+        if name in PIPELINES:
+            raise ValueError(f"pipeline {name!r} is registered twice")
+        PIPELINES[name] = run
+        return run
+
+    return wrap
+
+
+def run_pipeline(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
+    """Runs the registered pipeline that ``cfg.model.pipeline.name`` names (its stages are their own fits)."""
+    from cvlab.utils.errors import UserError, suggest
+
+    name = str(cfg.model.pipeline.get("name"))
+    if name not in PIPELINES:
+        raise UserError(f"model.pipeline.name={name!r} is no pipeline.{suggest(name, PIPELINES)} Pipelines: "
+                        f"{', '.join(sorted(PIPELINES))}.")
+    if extra_callbacks:
+        raise UserError(f"model={cfg.model.name} trains as separate stages ({name}), which take no extra training "
+                        "callbacks (cvlab tune prunes single fits only).")
+    return PIPELINES[name](cfg)
+
+
 def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     """Trains per ``cfg``; the best checkpoint on val is then scored on val and test. Returns (final metrics,
-    {"task", "datamodule", "trainer"}); the task holds the best checkpoint's weights."""
+    {"task", "datamodule", "trainer"}); the task holds the best checkpoint's weights. A model whose config names a
+    ``pipeline`` (R-CNN) runs that pipeline's stages instead (:func:`run_pipeline`)."""
     import pytorch_lightning as pl
 
+    if cfg.model.get("pipeline"):
+        return run_pipeline(cfg, extra_callbacks)
     quiet_lightning()
     out = output_dir(cfg)
     say_run_dir(out, "start")

@@ -53,8 +53,23 @@ class DetectionTask(BaseTask):
                                 "proposals": datamodule.attach_proposals(configs["model"]["proposals"])}
         return configs
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+    def attach_inputs(self, datamodule) -> None:
+        if self.hparams.model.get("proposals"):
+            datamodule.attach_proposals(self.hparams.model["proposals"])
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
+                proposals: list[torch.Tensor] | None = None):
+        if getattr(self.model, "needs_proposals", False):  # Fast R-CNN: region proposals per image, or None
+            return self.model(images, targets, proposals=proposals)
         return self.model(images, targets)
+
+    @staticmethod
+    def _proposals(targets: list[dict]) -> list[torch.Tensor] | None:
+        """The cached ``proposals`` the targets carry, or None (a model that needs them computes its own) when
+        any lacks them."""
+        if not all("proposals" in t for t in targets):
+            return None
+        return [t["proposals"] for t in targets]
 
     def _rescale(self, images: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, list[dict]]:
         plan = self.multiscale
@@ -66,13 +81,14 @@ class DetectionTask(BaseTask):
         size = choices[int(torch.randint(len(choices), (), generator=torch.Generator().manual_seed(window)))]
         factor = size / images.shape[-1]
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        return images, [{**t, "boxes": t["boxes"] * factor} for t in targets]
+        return images, [{**t, **{key: t[key] * factor for key in ("boxes", "proposals") if key in t}}
+                        for t in targets]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
         if self.multiscale:
             images, targets = self._rescale(images, targets)
-        losses = self(images, targets)
+        losses = self(images, targets, self._proposals(targets))
         total = sum(losses.values())
         batch_size = len(images)
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
@@ -83,7 +99,7 @@ class DetectionTask(BaseTask):
     # ------------------------------------------------------------------------------------------ val and test
     def _evaluate_batch(self, batch) -> None:
         images, targets = batch
-        detections = self(images)
+        detections = self(images, proposals=self._proposals(targets))
         self.map_metric.update(detections, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
 
     def _log_evaluation(self, split: str) -> None:

@@ -423,8 +423,8 @@ class Progressive(nn.Module):
     """State of a progressively grown network (ProGAN; StyleGAN's progressive form) built for ``resolution``: the
     ``phase`` (0 = 4×4, ``num_phases - 1`` = ``resolution``) and the fade-in ``alpha`` of the newest block (0: the
     previous phase's output, upsampled; 1: the new block alone). Plain numbers, kept in the state dict as the
-    module's extra state (one float64 tensor), so a checkpoint restores them. A new network starts fully grown (the last phase, alpha 1);
-    a non-progressive one has a single phase at ``resolution``."""
+    module's extra state (one float64 tensor), so a checkpoint restores them. A new network starts fully grown
+    (the last phase, alpha 1); a non-progressive one has a single phase at ``resolution``."""
 
     def __init__(self, resolution: int, progressive: bool):
         super().__init__()
