@@ -42,7 +42,7 @@ def test_help_does_not_import_torch():
         (["list", "modle"], "unknown group 'modle'. Did you mean model"),
         (["info", "model=resnet5"], "Did you mean resnet50"),
         (["train", "task=detection", "model=resnet18"],
-         "model 'resnet18' is a classification model; task=detection takes one of yolov1, yolov1_tiny, yolov2"),
+         "model 'resnet18' is a classification model; task=detection takes one of fast_rcnn, faster_rcnn, rcnn"),
         (["train", "model=yolov3_tiny", "loss=ce"], "loss=ce is a classification loss; task=detection cannot use it"),
         (["eval", "ckpt=README.md", "split=train"], "split is one of val, test, got 'train'"),
         # Values are range-checked before anything is built (each printed a traceback before).

@@ -21,7 +21,7 @@ def test_a_model_of_another_task_is_refused_before_anything_is_built(train_cfg):
     cfg = train_cfg("task=detection", "data=shapes_det", "data.train_size=4", "data.val_size=2", "data.test_size=2")
     datamodule = build_datamodule(cfg)
     with pytest.raises(UserError, match="model 'resnet18' is a classification model; task=detection takes one of "
-                                        "yolov1, yolov1_tiny, yolov2, yolov2_tiny, yolov3, yolov3_tiny"):
+                                        "fast_rcnn, faster_rcnn, rcnn, yolov1, yolov1_tiny, yolov2, yolov2_tiny"):
         build_task(cfg, datamodule)
 
 
