@@ -261,7 +261,8 @@ def test_imagefolder_counts_its_classes_and_refuses_another_number(roots, capsys
 def _model_alternative(model: str, key: str, value):
     if key == "anchors":  # each YOLO's own count of anchors, in pixels
         count = {"yolov2": 5, "yolov2_tiny": 5, "yolov3": 9, "yolov3_tiny": 6, "yolov4": 9, "yolov4_tiny": 6,
-                 **dict.fromkeys(["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"], 9)}[model]
+                 **dict.fromkeys(["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"], 9),
+                 "yolov7": 9, "yolov7_tiny": 9}[model]
         return [[8.0 * (i + 1), 6.0 * (i + 1)] for i in range(count)]
     table = {"stem": "standard" if value != "standard" else "small", "output_stride": 16, "head": "gdc",
              "drop_rate": 0.35, "zero_init_residual": True, "width_mult": 0.5, "patch_size": 4, "attn_drop_rate": 0.1,
@@ -270,6 +271,7 @@ def _model_alternative(model: str, key: str, value):
                           "mobilenetv3_large": "mobilenetv3_small"}.get(str(value), "resnet18"),
              "bn_momentum": 0.05 if value != 0.05 else 0.2, "padding": "valid" if value != "valid" else "same",
              "aux_heads": not value, "aux_head": not value, "aux_weights": [0.5, 2.0], "aux_weight": 0.2,
+             "implicit": not value, "rep_conv": not value, "rep": not value, "bic": not value,
              "xy_scales": [1.3] * (2 if model.endswith("tiny") else 3), "dropblock": 0.1, "dropblock_size": 5,
              # the R-CNN family's
              "level": -3, "levels": [-2, -1], "roi": "align" if value == "pool" else "pool", "roi_output_size": 5,
@@ -334,8 +336,8 @@ def _build(model_cfg: dict, values: bool) -> tuple:
 
 # The smallest model of each family; the others share their family's keys (checked below) and walk in the slow run.
 FAMILY_REPRESENTATIVES = ("darknet19", "mobilenetv3_small", "resnet18", "vit_tiny", "yolov1_tiny", "yolov2_tiny",
-                          "yolov3_tiny", "yolov4_tiny", "yolov4", "yolov5n", "unet", "bisenet", "danet", "progan",
-                          "stylegan", "stylegan2", "fast_rcnn", "faster_rcnn", "rcnn")
+                          "yolov3_tiny", "yolov4_tiny", "yolov4", "yolov5n", "yolov6n", "yolov7_tiny", "unet",
+                          "bisenet", "danet", "progan", "stylegan", "stylegan2", "rcnn", "fast_rcnn", "faster_rcnn")
 
 
 def _model_keys(model: str) -> set[str]:

@@ -6,17 +6,19 @@ Papers:
     Redmon & Farhadi 2018, "YOLOv3: An Incremental Improvement" (YOLOv3; Darknet's yolo layer).
     Bochkovskiy et al. 2020, "YOLOv4: Optimal Speed and Accuracy of Object Detection" (YOLOv4; AlexeyAB's yolo layer).
     Jocher et al., ultralytics/yolov5 v6.0 (YOLOv5; no paper: ``utils/loss.py``, ``data/hyps/hyp.scratch-low.yaml``).
+    Wang, Bochkovskiy & Liao 2022, "YOLOv7: Trainable bag-of-freebies sets new state-of-the-art for real-time object
+    detectors" (YOLOv7; WongKinYiu/yolov7 ``utils/loss.py`` ``ComputeLossOTA`` / ``ComputeLossAuxOTA``).
 
 No library implements the YOLO losses (torchvision ships only generic box ops and detection losses of other
 families), so the loss terms are written here by hand; which prediction answers for which object is the job of the
 assigners in :mod:`cvlab.ops.assigners`, and IoUs and box formats use ``torchvision.ops`` (``box_convert``,
 ``generalized_box_iou_loss``, ``complete_box_iou_loss``).
 
-Each loss is a plug-in of the YOLO detectors (``loss=yolov1|yolov2|yolov3|yolov4|yolov5``, ``conf/loss/``): the model
-calls it with its raw outputs and the targets. Every loss returns ``dict(loss_box, loss_obj, loss_noobj, loss_cls)`` of
-scalars summed over the batch and divided by the batch size (Darknet sums; dividing by N makes the scale independent
-of the batch). The total loss is their sum. Squared errors are written without Darknet's implicit ½ (its deltas are
-gradients of ½·error²): a constant factor only rescales the learning rate.
+Each loss is a plug-in of the YOLO detectors (``loss=yolov1|yolov2|yolov3|yolov4|yolov5|yolov7``, ``conf/loss/``): the
+model calls it with its raw outputs and the targets. Every loss returns ``dict(loss_box, loss_obj, loss_noobj,
+loss_cls)`` of scalars summed over the batch and divided by the batch size (Darknet sums; dividing by N makes the scale
+independent of the batch). The total loss is their sum. Squared errors are written without Darknet's implicit ½ (its
+deltas are gradients of ½·error²): a constant factor only rescales the learning rate.
 
 Target boxes come in the detection contract's format: ``targets[i] = dict(boxes=Tensor[M_i, 4] xyxy pixels,
 labels=Tensor[M_i] int64)``.
@@ -33,6 +35,7 @@ from cvlab.ops.assigners import (
     BestAnchorAssigner,
     GridCellAssigner,
     RatioAnchorAssigner,
+    SimOTAAssigner,
     last_occurrence,
 )
 from cvlab.ops.boxes import paired_box_iou
@@ -313,17 +316,22 @@ class YoloV5Loss(nn.Module):
     def forward(self, outputs: list[torch.Tensor], anchors: list[torch.Tensor], targets: list[dict],
                 image_size: tuple[int, int], xy_scales: list[float] | None = None) -> LossDict:
         outputs = [raw.float() for raw in outputs]
+        xy_scales = [self.BOX_DECODING["xy_scale"]] * len(outputs) if xy_scales is None else list(xy_scales)
+        assignments = self.assigner([tuple(raw.shape[2:4]) for raw in outputs], anchors, targets, image_size)
+        return self.score(outputs, anchors, assignments, image_size, xy_scales)
+
+    def score(self, outputs: list[torch.Tensor], anchors: list[torch.Tensor], assignments: list[AnchorAssignment],
+              image_size: tuple[int, int], xy_scales: list[float]) -> LossDict:
+        """The loss terms of float ``outputs`` on their levels' ``assignments``."""
         num_levels, num_classes = len(outputs), outputs[0].shape[-1] - 5
         if len(self.balance) != num_levels:
             raise ValueError(f"balance has {len(self.balance)} level weights for {num_levels} levels")
-        xy_scales = [self.BOX_DECODING["xy_scale"]] * num_levels if xy_scales is None else list(xy_scales)
         grids = [tuple(raw.shape[2:4]) for raw in outputs]
         finest_first = sorted(range(num_levels), key=lambda level: -grids[level][0] * grids[level][1])
         balance = {level: self.balance[rank] for rank, level in enumerate(finest_first)}
         box_gain = self.box_gain * 3 / num_levels
         cls_gain = self.cls_gain * num_classes / 80 * 3 / num_levels
         obj_gain = self.obj_gain * image_size[0] * image_size[1] / self.REFERENCE_SIZE ** 2 * 3 / num_levels
-        assignments = self.assigner(grids, anchors, targets, image_size)
 
         totals = dict.fromkeys(LOSS_NAMES, outputs[0].new_zeros(()))
         for level, (raw, level_anchors, assigned, xy_scale) in enumerate(zip(outputs, anchors, assignments,
@@ -350,3 +358,53 @@ class YoloV5Loss(nn.Module):
             totals["loss_obj"] = totals["loss_obj"] + obj_weight * obj_bce[~assigned.negatives].sum()
             totals["loss_noobj"] = totals["loss_noobj"] + obj_weight * obj_bce[assigned.negatives].sum()
         return totals
+
+
+class YoloV7Loss(YoloV5Loss):
+    """YOLOv7's loss (``utils/loss.py`` ``ComputeLossOTA``, gains of ``hyp.scratch.p5.yaml``): YOLOv5's terms (CIoU
+    boxes, the IoU as objectness target, level balance 4 / 1 / 0.4, train.py's gain scaling) on the positives of a
+    :class:`~cvlab.ops.assigners.SimOTAAssigner`. YOLOv5's positives (``anchor_t`` 4, the two nearest neighbour
+    cells) are the candidates; each object keeps the ``k = max(1, ⌊Σ of its topk (10) best IoUs⌋)`` of lowest cost
+    ``class BCE + iou_weight (3) · −log IoU`` under the current predictions, and each slot answers for at most one
+    object. yolov7-tiny trains with ``hyp.scratch.tiny.yaml``'s gains instead (``obj_gain=1.0, cls_gain=0.5``), its
+    detector's default; ``loss=yolov5`` trains either without the dynamic-k selection (the hyp files' ``loss_ota: 0``).
+
+    The auxiliary head (``aux_outputs``, ComputeLossAuxOTA's lead-guided assignment): its levels are scored with the
+    same terms, times ``aux_weight`` (0.25), on a coarser assignment made from the *lead* head's predictions: the
+    candidates lie in all four neighbour cells (``neighbour_reach`` 1, ``find_5_positive``) and ``k`` comes from the
+    ``aux_topk`` (20) best IoUs. (ComputeLossAuxOTA takes the lead's own ``k`` from its 20 best IoUs too; here the
+    lead's assignment is the same with the auxiliary head or without it.)
+
+    ``forward(outputs, anchors, targets, image_size, xy_scales=None, aux_outputs=None) -> LossDict`` as
+    :class:`YoloV5Loss`'s; ``aux_outputs`` are raw levels laid out as ``outputs``.
+    """
+
+    def __init__(self, anchor_t: float = 4.0, box_gain: float = 0.05, obj_gain: float = 0.7, cls_gain: float = 0.3,
+                 balance: tuple[float, ...] = (4.0, 1.0, 0.4), iou_ratio: float = 1.0, box_loss: str = "ciou",
+                 topk: int = 10, iou_weight: float = 3.0, aux_weight: float = 0.25, aux_topk: int = 20):
+        super().__init__(anchor_t, box_gain, obj_gain, cls_gain, balance, iou_ratio, box_loss)
+        self.assigner = SimOTAAssigner(anchor_t, topk, iou_weight)
+        self.aux_assigner = SimOTAAssigner(anchor_t, aux_topk, iou_weight, neighbour_reach=1.0)
+        self.aux_weight = aux_weight
+
+    def _predictions(self, outputs: list[torch.Tensor], anchors: list[torch.Tensor], image_size: tuple[int, int],
+                     xy_scales: list[float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The levels' decoded boxes and (objectness, class) logits, without gradient: what the cost reads."""
+        boxes = [decode_anchor_boxes(raw[..., :4].detach(), level_anchors, image_size, xy_scale,
+                                     self.BOX_DECODING["bounded_size"])
+                 for raw, level_anchors, xy_scale in zip(outputs, anchors, xy_scales, strict=True)]
+        return boxes, [raw[..., 4:].detach() for raw in outputs]
+
+    def forward(self, outputs: list[torch.Tensor], anchors: list[torch.Tensor], targets: list[dict],
+                image_size: tuple[int, int], xy_scales: list[float] | None = None,
+                aux_outputs: list[torch.Tensor] | None = None) -> LossDict:
+        outputs = [raw.float() for raw in outputs]
+        xy_scales = [self.BOX_DECODING["xy_scale"]] * len(outputs) if xy_scales is None else list(xy_scales)
+        predictions = self._predictions(outputs, anchors, image_size, xy_scales)
+        assignments = self.assigner(*predictions, anchors, targets, image_size)
+        totals = self.score(outputs, anchors, assignments, image_size, xy_scales)
+        if aux_outputs is None:
+            return totals
+        guided = self.aux_assigner(*predictions, anchors, targets, image_size)  # from the lead head's predictions
+        aux = self.score([raw.float() for raw in aux_outputs], anchors, guided, image_size, xy_scales)
+        return {name: totals[name] + self.aux_weight * aux[name] for name in totals}

@@ -7,6 +7,8 @@ Papers:
     Bochkovskiy et al. 2020, "YOLOv4" (grid sensitivity: ``bx = s · σ(tx) − (s − 1) / 2 + cx``).
     Jocher et al., ultralytics/yolov5 v4.0+ (no paper; its Detect layer: ``bx = 2σ(tx) − 0.5 + cx``, the grid
     sensitivity with s = 2, and ``bw = pw · (2σ(tw))²``).
+    Li et al. 2022/2023, "YOLOv6" (v3.0; anchor-free as FCOS, Tian et al. 2019: each cell's centre predicts its
+    distances to the box's four sides, in strides).
 
 The YOLO box parameterisations are not in torchvision, so they are written here; score thresholding, clipping and
 class-wise NMS use ``torchvision.ops`` (``clip_boxes_to_image``, ``batched_nms``).
@@ -86,6 +88,33 @@ def decode_anchor_boxes(raw: torch.Tensor, anchors: torch.Tensor, image_size: tu
     w = anchor_w * scales[..., 0]
     h = anchor_h * scales[..., 1]
     return box_convert(torch.stack((cx, cy, w, h), -1), "cxcywh", "xyxy")
+
+
+def grid_points(grid_sizes: list[tuple[int, int]], image_size: tuple[int, int], device=None,
+                dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cell centres of every level, finest first as given: (points ``Tensor[P, 2]`` (x, y) pixels, strides
+    ``Tensor[P, 2]`` (x, y) pixels per cell) over the ``P = Σ H_l·W_l`` cells, row-major within a level. A level's
+    stride is ``image_size / grid`` per axis, so any input size works."""
+    points, strides = [], []
+    for grid_h, grid_w in grid_sizes:
+        stride = torch.tensor([image_size[1] / grid_w, image_size[0] / grid_h], device=device, dtype=dtype)
+        cols, rows = _cell_grid(grid_h, grid_w, device, dtype)
+        points.append((torch.stack((cols, rows), -1).reshape(-1, 2) + 0.5) * stride)
+        strides.append(stride.expand(grid_h * grid_w, 2))
+    return torch.cat(points), torch.cat(strides)
+
+
+def flatten_levels(levels: list[torch.Tensor]) -> torch.Tensor:
+    """Dense per-level maps ``Tensor[N, K, H_l, W_l]`` → ``Tensor[N, P, K]``, the cells in :func:`grid_points`'
+    order."""
+    return torch.cat([level.flatten(2) for level in levels], 2).transpose(1, 2)
+
+
+def decode_distance_boxes(distances: torch.Tensor, points: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """Anchor-free boxes (YOLOv6's ``dist2bbox``) → absolute xyxy: ``distances: Tensor[..., P, 4]`` are the
+    distances ``(l, t, r, b)`` from each point ``Tensor[P, 2]`` to the box's sides in units of its stride
+    ``Tensor[P, 2]``; the box is ``(x − l·s_x, y − t·s_y, x + r·s_x, y + b·s_y)``. Returns Tensor[..., P, 4]."""
+    return torch.cat((points - distances[..., :2] * strides, points + distances[..., 2:] * strides), -1)
 
 
 def select_detections(

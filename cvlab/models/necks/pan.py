@@ -15,7 +15,9 @@ resolution, concatenated with their input (4× the channels), so the coarsest le
 path where the coarser output goes through a 1×1 conv and ×2 upsampling and the trunk level through its own 1×1 conv
 (YOLOv3 concatenates the trunk level as it is), concatenated (trunk first) into a five-conv set; then a bottom-up path
 where a stride-2 3×3 conv brings the finer output down, concatenated (first) with the top-down output of that level
-into another five-conv set. (YOLOv5's PAN has the same paths built from C3 blocks, in its own module.)
+into another five-conv set. The two paths are :class:`PathAggregation`'s, which YOLOv7's ELAN PAN shares
+(:mod:`cvlab.models.necks.yolov7_pan`). (YOLOv5's PAN concatenates its laterals where these concatenate the top-down
+outputs, in its own module.)
 
 DropBlock is among the YOLOv4 paper's freebies for the detector (§3.4), which does not say where; the released cfgs
 have no DropBlock layer. Here it is an option placed as PP-YOLO places it in its YOLOv3 neck (Long et al. 2020,
@@ -75,7 +77,46 @@ def _with_dropblock(block: nn.Module, dropblock: float, block_size: int) -> nn.M
     return nn.Sequential(*block[:2], FittedDropBlock(dropblock, block_size), *block[2:])
 
 
-class ConvSetPAN(nn.Module):
+class PathAggregation(nn.Module):
+    """The two paths of YOLOv4's and YOLOv7's PANs, over the modules a subclass builds: ``top`` (the coarsest
+    level's block); per join of the top-down path, coarse to fine, ``reduce_coarser`` (the coarser output's 1×1
+    conv, upsampled ×2 by ``upsample``), ``laterals`` (the trunk level's 1×1 conv; it goes first in the concatenation)
+    and ``top_down`` (the block over the concatenation); per join of the bottom-up path, fine to coarse,
+    ``downsample`` (the finer output down to the next level; first in the concatenation) and ``bottom_up`` (the block
+    over it and the top-down output of that level).
+
+    ``forward(levels: list[Tensor], with_top_down=False)``: the bottom-up outputs, finest first; with
+    ``with_top_down``, (those, the top-down outputs finest first: the finest of both is the same map, the coarsest
+    top-down one is ``top``'s).
+    """
+
+    top: nn.Module
+    reduce_coarser: nn.ModuleList
+    laterals: nn.ModuleList
+    top_down: nn.ModuleList
+    downsample: nn.ModuleList
+    bottom_up: nn.ModuleList
+    upsample: nn.Module
+
+    def forward(self, levels: Sequence[torch.Tensor], with_top_down: bool = False
+                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        x = self.top(levels[-1])
+        top_down = [x]  # coarse to fine
+        for reduce, lateral, block, skip in zip(self.reduce_coarser, self.laterals, self.top_down,
+                                                reversed(levels[:-1]), strict=True):
+            # The trunk's branch goes first in the concatenation (yolov4.cfg's route -1, -3 after its 1×1 conv;
+            # yolov7.yaml's [[-1, -2], 1, Concat]).
+            x = block(torch.cat([lateral(skip), self.upsample(reduce(x))], dim=1))
+            top_down.append(x)
+        top_down.reverse()
+        outputs = [x]  # fine to coarse
+        for down, block, across in zip(self.downsample, self.bottom_up, top_down[1:], strict=True):
+            x = block(torch.cat([down(x), across], dim=1))
+            outputs.append(x)
+        return (outputs, top_down) if with_top_down else outputs
+
+
+class ConvSetPAN(PathAggregation):
     """Levels in, finest first (C3, C4, C5); levels out, finest first (the order of yolov4.cfg's yolo layers).
 
     Args:
@@ -127,18 +168,3 @@ class ConvSetPAN(nn.Module):
     @staticmethod
     def _merge_set(in_chs: int, chs: int, depth: int, conv: partial, dropblock: float, block_size: int) -> nn.Module:
         return _with_dropblock(conv_set(in_chs, chs, depth, conv), dropblock, block_size)
-
-    def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        x = self.top(levels[-1])
-        top_down = [x]  # coarse to fine
-        for reduce, lateral, block, skip in zip(self.reduce_coarser, self.laterals, self.top_down,
-                                                reversed(levels[:-1]), strict=True):
-            # The trunk's branch goes first in the concatenation (yolov4.cfg's route -1, -3 after its 1×1 conv).
-            x = block(torch.cat([lateral(skip), self.upsample(reduce(x))], dim=1))
-            top_down.append(x)
-        top_down.reverse()
-        outputs = [x]  # fine to coarse
-        for down, block, across in zip(self.downsample, self.bottom_up, top_down[1:], strict=True):
-            x = block(torch.cat([down(x), across], dim=1))
-            outputs.append(x)
-        return outputs
