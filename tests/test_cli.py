@@ -87,6 +87,7 @@ def test_data_errors_leave_no_run_directory(cli, tmp_path):
     assert not list((tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else True
 
 
+@pytest.mark.slow  # whole CLI runs in subprocesses (make test-slow); kept out of make test's 10 minutes
 def test_the_task_and_data_a_model_fills_in_are_announced(cli):
     result = cli("train", "model=yolov3_tiny", "--cfg", "job")
     assert result.returncode == 0, result.stderr

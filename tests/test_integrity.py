@@ -107,6 +107,7 @@ def test_claim_run_dir_claims_hydra_run_dir_unless_given_or_resumed(tmp_path):
     assert (override.key_or_group, override.value()) == ("hydra.sweep.dir", sweeps[1].hydra.sweep.dir)
 
 
+@pytest.mark.slow  # whole CLI runs in subprocesses (make test-slow); kept out of make test's 10 minutes
 def test_two_train_runs_started_together_never_share_a_directory(tmp_path):
     # Every second-stamped name of the next two minutes is already taken (as by runs started in those seconds),
     # and the two runs start at once: each must claim a directory of its own and put everything in it.
@@ -405,6 +406,7 @@ def test_a_non_finite_loss_term_stops_training_before_its_update(tmp_path):
     assert load(tmp_path / "weights" / "last.ckpt")["epoch"] == 0
 
 
+@pytest.mark.slow  # whole CLI runs in subprocesses (make test-slow); kept out of make test's 10 minutes
 def test_cli_train_with_a_diverging_lr_stops_with_exit_code_3(cli, tmp_path):
     result = cli("train", *FAST, "optimizer.lr=1e6", "trainer.max_epochs=2")
     assert result.returncode == NON_FINITE_EXIT_CODE == 3, result.stderr[-2000:]
