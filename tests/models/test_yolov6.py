@@ -24,6 +24,7 @@ from cvlab.models.necks.reppan import BiFusion, UpConcat
 from cvlab.ops.assigners import TaskAlignedAssigner
 from cvlab.utils.config import read_option
 from cvlab.utils.errors import UserError
+from detector_checks import assert_detection_contract, assert_losses_reach_every_parameter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -217,11 +218,7 @@ def test_train_losses_and_gradients_reach_every_parameter(name, size, options):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, image_size=size, width=0.5, depth=0.5, **options).train()
     losses = model(torch.rand(2, 3, size, size), sample_targets())
-    assert set(losses) == LOSS_NAMES
-    assert all(v.ndim == 0 and torch.isfinite(v) and v > 0 for v in losses.values())
-    sum(losses.values()).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, missing[:5]
+    assert_losses_reach_every_parameter(model, losses, LOSS_NAMES)
     # The predictors start at zero weights, so only they (and their biases) move on the first step.
     assert model.head.levels[0].cls_pred.weight.grad.abs().sum() > 0
     assert model.head.levels[0].reg_pred.weight.grad.abs().sum() > 0
@@ -239,14 +236,7 @@ def test_eval_returns_one_detection_dict_per_image_from_the_starting_prior():
     torch.testing.assert_close(scores, torch.full_like(scores, 0.01))
     torch.testing.assert_close(boxes[0, 0], torch.tensor([-4.0, -4.0, 12.0, 12.0]))
     torch.testing.assert_close(boxes[0, 64], torch.tensor([-8.0, -8.0, 24.0, 24.0]))  # stride 16
-    assert len(detections) == 2
-    for det in detections:
-        k = len(det["scores"])
-        assert 0 < k <= 20
-        assert det["boxes"].shape == (k, 4) and det["labels"].dtype == torch.int64
-        assert ((det["labels"] >= 0) & (det["labels"] < 3)).all()
-        assert (det["boxes"] >= 0).all() and (det["boxes"] <= 64).all()
-        assert (det["scores"][:-1] >= det["scores"][1:]).all()
+    assert_detection_contract(detections, images=2, max_det=20, num_classes=3, size=64)
 
 
 # ------------------------------------------------------------------------------------------------- assignment

@@ -28,6 +28,7 @@ from cvlab.ops.postprocess import decode_anchor_boxes
 from cvlab.tasks.anchors import model_anchors
 from cvlab.utils.config import compose, read_option
 from cvlab.utils.errors import UserError
+from detector_checks import assert_detection_contract, assert_losses_reach_every_parameter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -260,11 +261,7 @@ def test_train_losses_and_gradients_reach_every_parameter(name, aux_head):
     torch.manual_seed(0)
     model = small(name, aux_head=aux_head).train()
     losses = model(torch.rand(2, 3, 64, 64), sample_targets())
-    assert set(losses) == LOSS_NAMES
-    assert all(v.ndim == 0 and torch.isfinite(v) and v > 0 for v in losses.values())
-    sum(losses.values()).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, missing[:5]
+    assert_losses_reach_every_parameter(model, losses, LOSS_NAMES)
 
 
 def test_eval_returns_one_detection_dict_per_image():
@@ -272,15 +269,8 @@ def test_eval_returns_one_detection_dict_per_image():
     model = small(max_det=20).eval()
     with torch.no_grad():
         detections = model(torch.rand(2, 3, 64, 64))
-    assert len(detections) == 2
-    for det in detections:
-        k = len(det["scores"])
-        assert 0 < k <= 20
-        assert det["boxes"].shape == (k, 4) and det["labels"].shape == (k,) and det["labels"].dtype == torch.int64
-        assert ((det["labels"] >= 0) & (det["labels"] < 3)).all()
-        assert (det["boxes"] >= 0).all() and (det["boxes"] <= 64).all()
-        assert (det["boxes"][:, 2:] >= det["boxes"][:, :2]).all()
-        assert (det["scores"][:-1] >= det["scores"][1:]).all()
+    assert_detection_contract(detections, images=2, max_det=20, num_classes=3, size=64)
+    assert all((det["boxes"][:, 2:] >= det["boxes"][:, :2]).all() for det in detections)
 
 
 def test_head_starts_at_yolov7s_biases():
