@@ -287,6 +287,21 @@ class BaseTask(pl.LightningModule):
                           "a norm there outputs its bias alone, so the model cannot learn. Use norm=bn, gn or ln "
                           "there, or a larger data.image_size.")
 
+    # ------------------------------------------------------------------------------------------ val and test
+    # Validation (checkpoint selection) and test (the reported figures) are the same pass over a split: a task
+    # defines _evaluate_batch(batch, batch_idx, split) and _log_evaluation(split), and these hooks route both to them.
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
     # ------------------------------------------------------------------------------------------ reporting
     def on_test_end(self) -> None:
         """Computes every metric that still holds updates (a confusion matrix), on every process. :meth:`report`

@@ -48,7 +48,7 @@ class ClassificationTask(BaseTask):
         return loss
 
     # ------------------------------------------------------------------------------------------ val and test
-    def _evaluate_batch(self, batch) -> None:
+    def _evaluate_batch(self, batch, batch_idx: int, split: str) -> None:
         images, labels = batch
         logits = self(images)
         self.eval_loss.update(self.criterion(logits, labels), weight=len(labels))
@@ -61,23 +61,11 @@ class ClassificationTask(BaseTask):
         self.eval_metrics.reset()
         self.eval_loss.reset()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch)
-
     def on_validation_epoch_start(self) -> None:
         # The matrix always describes the latest evaluation pass.
         self.confusion.reset()
 
     on_test_epoch_start = on_validation_epoch_start
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
 
     def report(self, out: Path) -> dict:
         from cvlab.utils.plots import plot_confusion_matrix

@@ -97,7 +97,7 @@ class DetectionTask(BaseTask):
         return total
 
     # ------------------------------------------------------------------------------------------ val and test
-    def _evaluate_batch(self, batch) -> None:
+    def _evaluate_batch(self, batch, batch_idx: int, split: str) -> None:
         images, targets = batch
         detections = self(images, proposals=self._proposals(targets))
         self.map_metric.update(detections, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
@@ -109,18 +109,6 @@ class DetectionTask(BaseTask):
         self.log_dict({f"{split}/{key}": scores[key] for key in ("map", "map_50", "map_75", "mar_100")},
                       prog_bar=split == "val")
         self.map_metric.reset()
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
 
     def report(self, out: Path) -> dict:
         """PR curves and the per-class AP table of the last evaluation pass; the per-class APs go to the json."""

@@ -464,18 +464,6 @@ class GenerationTask(BaseTask):
         self.quality[split] = figures
         self.log_dict({f"{split}/{key}": value for key, value in figures.items()}, prog_bar=split == "val")
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-
     # ------------------------------------------------------------------------------------------ report
     def report(self, out: Path) -> dict:
         """The quality table (every measure under its features' name), samples.png, and for the style models the

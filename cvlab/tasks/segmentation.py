@@ -88,18 +88,6 @@ class SegmentationTask(BaseTask):
         self.scores.reset()
         self.eval_loss.reset()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-
     def report(self, out: Path) -> dict:
         """The per-class table, confusion matrix and overlays of the last evaluation pass; the per-class IoU and
         accuracy (of the classes where they are defined) go to the json."""
