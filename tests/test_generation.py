@@ -154,6 +154,20 @@ def test_a_run_trains_both_networks_and_reports_fid_on_cvlab_features(trained):
     assert Path(stored["feature_network"]["file"]).is_file()
 
 
+def test_the_report_gives_the_untrained_generators_fid_as_the_yardstick(trained, tmp_path):
+    out, metrics, _ = trained
+    stored = json.loads((out / "metrics.json").read_text())
+    untrained = stored["untrained/fid_cvlab"]
+    assert stored["test/fid_cvlab_to_untrained"] == pytest.approx(metrics["test/fid_cvlab"] / untrained)
+    state = torch.load(out / "weights" / "last.ckpt", weights_only=False)["state_dict"]
+    assert float(state["untrained_fid"]) == pytest.approx(untrained)  # kept for a resumed run's report
+    assert all(abs(float(r["val/fid_cvlab"]) - untrained) > 1e-3 for r in read_csv(out / "results.csv"))
+    # A generator that cannot learn (lr 0) stays the untrained one: its first val FID is the yardstick, exactly.
+    frozen, _ = run_train(gan_cfg(tmp_path / "frozen", "trainer.max_epochs=1", "optimizer@opt_g=adam", "opt_g.lr=0"))
+    assert frozen["val/fid_cvlab"] == pytest.approx(
+        json.loads((tmp_path / "frozen" / "metrics.json").read_text())["untrained/fid_cvlab"], rel=1e-5)
+
+
 def test_the_run_draws_its_figures(trained):
     out, _, objects = trained
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_000.png", "epoch_001.png"]
@@ -174,7 +188,7 @@ def test_checkpoints_hold_the_gan_and_its_ema_but_not_the_feature_network(traine
     out, _, objects = trained
     state = torch.load(out / "weights" / "last.ckpt", weights_only=False)["state_dict"]
     assert any(k.startswith("generator_ema.") for k in state) and "images_seen" in state
-    assert {k.split(".")[0] for k in state} == {"model", "generator_ema", "images_seen"}
+    assert {k.split(".")[0] for k in state} == {"model", "generator_ema", "images_seen", "untrained_fid"}
     restored = load_task(out / "weights" / "best.ckpt")
     assert type(restored).__name__ == "GenerationTask" and restored.hparams.opt_g is None
     z = restored.latents(4, 0)

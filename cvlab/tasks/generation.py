@@ -17,7 +17,9 @@ buffers (the tracked average w, the phase of growth) are copied.
 
 Evaluation (:mod:`cvlab.metrics.generation`): every real image of the split against as many EMA samples of fixed
 latents (and, when conditional, the real batch's labels). Validation logs ``val/fid_cvlab``, FID on cvlab features,
-the checkpoint monitor (lowest best); test also KID, precision and recall (k = 3) and, given
+the checkpoint monitor (lowest best); before the first step, the untrained generator's val FID
+(``untrained/fid_cvlab`` in metrics.json, with the test FID's ratio to it); test also KID, precision and recall
+(k = 3) and, given
 ``metrics.inception_weights``, the same on torchmetrics' Inception (``*_inception``). The cvlab feature network is
 a zoo classifier (``metrics.feature_model``) trained for ``metrics.feature_epochs`` on the training split when first
 needed, cached under ``$CVLAB_CACHE/features`` by every data setting that changes it; it lives outside the module
@@ -32,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import itertools
 import json
 import math
 from contextlib import contextmanager
@@ -319,6 +322,9 @@ class GenerationTask(BaseTask):
         self.model = self.build_model(image_size=info.image_size, in_chans=info.in_chans, num_classes=info.num_classes)
         self.generator_ema = copy.deepcopy(self.model.generator).requires_grad_(False)
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
+        # val FID of the generator before its first step, the yardstick of "how far has training come" (in the
+        # checkpoint, so a resumed run still reports it); NaN until measured.
+        self.register_buffer("untrained_fid", torch.tensor(float("nan")))
         pixels = pixels or {"mean": [0.0] * info.in_chans, "std": [1.0] * info.in_chans}
         self.register_buffer("pixel_mean", torch.tensor(pixels["mean"]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixels["std"]).view(1, -1, 1, 1), persistent=False)
@@ -434,6 +440,22 @@ class GenerationTask(BaseTask):
                                                               self.trainer.strategy.root_device, seed)
         object.__setattr__(self, "_features", features)
 
+    def on_train_start(self) -> None:
+        """On a fresh start, scores the untrained generator's EMA on the val split (the report's yardstick)."""
+        if int(self.images_seen) or not torch.isnan(self.untrained_fid):
+            return
+        was_training = self.training
+        self.eval()
+        trainer = self.trainer
+        loader = trainer.val_dataloaders or trainer.datamodule.val_dataloader()
+        count = trainer.num_val_batches[0] if trainer.num_val_batches else None  # validation's own batches
+        for batch_idx, batch in enumerate(itertools.islice(loader, count)):
+            self._evaluate_batch([part.to(self.device) for part in batch], batch_idx, "untrained")
+        scores = self._split_scores("untrained")["cvlab"]
+        self.untrained_fid.fill_(scores.compute()["fid"])
+        scores.reset()
+        self.train(was_training)
+
     def _split_scores(self, split: str) -> dict[str, GenerationScores]:
         if split not in self._scores:
             full, metrics = split == "test", self.metric_settings
@@ -480,7 +502,16 @@ class GenerationTask(BaseTask):
         if hasattr(self.model, "mix"):
             self.plot_truncation_sweep(out / "truncation_sweep.png")
             self.plot_style_mixing(out / "style_mixing.png")
-        return {"feature_network": self.feature_record} if self.feature_record else {}
+        record = {"feature_network": self.feature_record} if self.feature_record else {}
+        if not torch.isnan(self.untrained_fid):
+            untrained = float(self.untrained_fid)
+            record["untrained/fid_cvlab"] = untrained
+            trained = self.quality.get("test", {}).get("fid_cvlab")
+            if trained is not None:
+                record["test/fid_cvlab_to_untrained"] = trained / untrained
+                console.print(f"test FID (cvlab features) {trained:.2f} = {trained / untrained:.3f} x the untrained "
+                              f"generator's val FID {untrained:.2f}")
+        return record
 
     def plot_truncation_sweep(self, path: Path) -> None:
         """One row per latent, one column per truncation ψ (1 = none, 0 = the average w), same noise throughout."""
