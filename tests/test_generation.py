@@ -168,6 +168,27 @@ def test_the_report_gives_the_untrained_generators_fid_as_the_yardstick(trained,
         json.loads((tmp_path / "frozen" / "metrics.json").read_text())["untrained/fid_cvlab"], rel=1e-5)
 
 
+def test_the_blob_statistic_reads_each_synthesis_convolution_of_a_style_model(tmp_path, trained):
+    assert "feature_map_peaks" not in json.loads((trained[0] / "metrics.json").read_text())  # tiny_gan names none
+    cfg = compose("train", [*GENERATION, "model=stylegan2", "model.latent_dim=16", "model.w_dim=16",
+                            "model.fmap_max=16", f"paths.output_dir={tmp_path}"])
+    task = build_task(cfg, build_datamodule(cfg))  # digits: 8 px
+    modules = task.generator_ema.synthesis.feature_map_modules()
+    peaks = task.feature_map_peaks()
+    assert list(peaks) == ["4px.conv1", "8px.conv0", "8px.conv1"]
+
+    def one_spike(module, inputs, output):  # every map of 8px.conv1 becomes a single spike in 64 pixels
+        spike = torch.zeros_like(output)
+        spike[..., 3, 5] = 1.0
+        return spike
+
+    hook = modules["8px.conv1"].register_forward_hook(one_spike)
+    spiked = task.feature_map_peaks()
+    hook.remove()
+    assert spiked["8px.conv1"] == pytest.approx(64.0) and spiked["8px.conv0"] == pytest.approx(peaks["8px.conv0"])
+    assert all(1.0 <= peaks[key] < 64.0 for key in peaks)
+
+
 def test_the_run_draws_its_figures(trained):
     out, _, objects = trained
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_000.png", "epoch_001.png"]

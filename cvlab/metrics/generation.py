@@ -17,6 +17,10 @@ weights are at hand.
 
 :class:`GenerationScores` runs a feature network once per batch and hands the features to every measure: FID always,
 KID and precision/recall when ``full`` (the test split; validation, every epoch, computes FID alone).
+
+:func:`peak_ratio` measures the blob artefact of StyleGAN (Karras et al. 2020, "Analyzing and Improving the Image
+Quality of StyleGAN", section 2): a generator that fights instance normalisation concentrates a feature map's
+energy in one spot. Per map, the largest magnitude over the mean magnitude: 1 for a flat map, H·W for one spike.
 """
 from __future__ import annotations
 
@@ -119,6 +123,12 @@ class _GivenFeatures(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- precision / recall
+def peak_ratio(features: Tensor) -> Tensor:
+    """``max |x| / mean |x|`` over the pixels of each map: ``Tensor[N, C, H, W] → Tensor[N, C]`` (0 / 0 → 0)."""
+    magnitude = features.detach().abs().flatten(2).float()
+    return magnitude.amax(2) / magnitude.mean(2).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def kth_neighbour_distances(points: Tensor, k: int, chunk: int = DISTANCE_CHUNK) -> Tensor:
     """The distance of every row of ``points: Tensor[N, D]`` to its k-th nearest other row, ``Tensor[N]``."""
     if not 1 <= k < len(points):

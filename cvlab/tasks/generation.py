@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cvlab.metrics.generation import ClassifierFeatures, GenerationScores, InceptionFeatures
+from cvlab.metrics.generation import ClassifierFeatures, GenerationScores, InceptionFeatures, peak_ratio
 from cvlab.tasks.base import BaseTask, register_task
 from cvlab.utils.errors import UserError
 
@@ -56,6 +56,7 @@ FIGURE_SEED = 1         # the truncation sweep and the style-mixing grid
 TRUNCATIONS = (1.0, 0.85, 0.7, 0.5, 0.3, 0.0)
 TRUNCATION_ROWS = 6
 MIXING_SOURCES = (5, 3)  # style-mixing grid: A sources (columns), B sources (rows per band)
+PEAK_SAMPLES = 64  # images whose synthesis feature maps the blob statistic reads
 # The feature classifier's training: cvlab's classification defaults (AdamW 3e-3, weight decay 0.05, 5 % linear
 # warm-up then cosine to 0) over minibatches of 64.
 FEATURE_BATCH = 64
@@ -494,15 +495,22 @@ class GenerationTask(BaseTask):
         from cvlab.utils.plots import save_image_grid
 
         super().report(out)
+        record = {"feature_network": self.feature_record} if self.feature_record else {}
         named = {f"{split}/{_display_name(key, self.metric_settings.k)}": value
                  for split, figures in self.quality.items() for key, value in figures.items()}
         if named:
             console.print(split_metrics_table(named, title="generation quality (generator EMA)"))
         save_image_grid(self.grid_images(), out / "samples.png", self.grid_shape[1])
+        peaks = self.feature_map_peaks()
+        if peaks:
+            worst = max(peaks, key=peaks.get)
+            record["feature_map_peaks"] = peaks
+            record["test/feature_peak_ratio"] = peaks[worst]
+            console.print(f"feature maps (blob artefact): max |x| / mean |x| per map, mean over {PEAK_SAMPLES} "
+                          f"images, highest at {worst}: {peaks[worst]:.2f}")
         if hasattr(self.model, "mix"):
             self.plot_truncation_sweep(out / "truncation_sweep.png")
             self.plot_style_mixing(out / "style_mixing.png")
-        record = {"feature_network": self.feature_record} if self.feature_record else {}
         if not torch.isnan(self.untrained_fid):
             untrained = float(self.untrained_fid)
             record["untrained/fid_cvlab"] = untrained
@@ -512,6 +520,28 @@ class GenerationTask(BaseTask):
                 console.print(f"test FID (cvlab features) {trained:.2f} = {trained / untrained:.3f} x the untrained "
                               f"generator's val FID {untrained:.2f}")
         return record
+
+    @torch.no_grad()
+    def feature_map_peaks(self) -> dict[str, float]:
+        """For generators that name their synthesis convolutions (``synthesis.feature_map_modules``, the style
+        models): per convolution, the mean :func:`peak_ratio` of its output maps over the EMA's images of
+        ``PEAK_SAMPLES`` fixed latents. Empty for the others."""
+        synthesis = getattr(self.generator_ema, "synthesis", None)
+        if not hasattr(synthesis, "feature_map_modules"):
+            return {}
+        peaks: dict[str, float] = {}
+
+        def record(name: str):
+            return lambda module, inputs, output: peaks.__setitem__(name, float(peak_ratio(output).mean()))
+
+        hooks = [module.register_forward_hook(record(name))
+                 for name, module in synthesis.feature_map_modules().items()]
+        try:
+            self.sample(self.latents(PEAK_SAMPLES, FIGURE_SEED), seed=FIGURE_SEED)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return peaks
 
     def plot_truncation_sweep(self, path: Path) -> None:
         """One row per latent, one column per truncation ψ (1 = none, 0 = the average w), same noise throughout."""

@@ -12,6 +12,7 @@ from cvlab.metrics.generation import (
     GenerationScores,
     InceptionFeatures,
     kth_neighbour_distances,
+    peak_ratio,
     precision_recall,
 )
 from cvlab.utils.errors import UserError
@@ -62,6 +63,17 @@ def test_real_against_real_is_near_zero_and_against_noise_large():
     # spread wide, its own balls are large and take in many digits (recall 0.44), so recall alone says little.
     assert same["precision"] > 0.75 and same["recall"] > 0.75
     assert other["precision"] < 0.1
+
+
+def test_peak_ratio_is_one_for_a_flat_map_and_the_pixel_count_for_one_spike():
+    maps = torch.zeros(2, 3, 4, 4)
+    maps[0, 0] = -2.0                   # flat (the magnitude counts)
+    maps[0, 1, 1, 2] = 5.0              # one spike in 16 pixels
+    maps[1, 0] = torch.arange(16.0).view(4, 4)
+    ratios = peak_ratio(maps)
+    assert ratios.shape == (2, 3)
+    torch.testing.assert_close(ratios[0], torch.tensor([1.0, 16.0, 0.0]))
+    assert ratios[1, 0] == pytest.approx(15 / 7.5)
 
 
 def test_validation_scores_are_fid_alone_and_reset_starts_over():

@@ -95,6 +95,23 @@ def test_generate_gives_images_in_range_at_full_size(name, conditional):
         assert torch.equal(small[..., ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2), small)
 
 
+@pytest.mark.parametrize("name", STYLE)
+def test_feature_map_modules_are_the_synthesis_convolutions_by_resolution(name):
+    model = tiny(name)
+    modules = model.generator.synthesis.feature_map_modules()
+    assert list(modules) == ["4px.conv1", "8px.conv0", "8px.conv1", "16px.conv0", "16px.conv1"]
+    sizes = {}
+    hooks = [module.register_forward_hook(lambda m, i, out, key=key: sizes.__setitem__(key, out.shape[-1]))
+             for key, module in modules.items()]
+    model.generate(model.sample_latents(2))
+    assert sizes == {"4px.conv1": 4, "8px.conv0": 8, "8px.conv1": 8, "16px.conv0": 16, "16px.conv1": 16}
+    for hook in hooks:
+        hook.remove()
+    if model.progressive:  # while at 4x4, only the convolutions grown so far
+        model.set_progress(0, 1.0)
+        assert list(model.generator.synthesis.feature_map_modules()) == ["4px.conv1"]
+
+
 EXPECTED_TERMS = {"progan": ({"loss_d", "loss_gp", "loss_drift"}, {"loss_g"}),
                   "stylegan": ({"loss_d", "loss_r1"}, {"loss_g"}),
                   "stylegan2": ({"loss_d", "loss_r1"}, {"loss_g", "loss_pl"})}

@@ -146,6 +146,11 @@ class StyleSynthesis(Progressive):
         self.to_rgb = nn.ModuleDict({str(res): EqualizedConv2d(chs, out_chans, 1, gain=1.0)
                                      for res, chs in channels.items() if progressive or res == resolution})
 
+    def feature_map_modules(self) -> dict[str, nn.Module]:
+        """Each synthesis convolution of the current resolution by name (``"8px.conv0"``): its output is the
+        feature map before noise, bias, activation and AdaIN, where the blob artefact shows (StyleGAN2's Figure 1)."""
+        return {f"{4 << (index // 2)}px.conv{index % 2}": self.convs[index] for index in range(1, self.active_ws)}
+
     @property
     def active_ws(self) -> int:
         """The latents the current resolution uses: two per resolution grown so far."""

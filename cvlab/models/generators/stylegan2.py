@@ -134,6 +134,12 @@ class StyleGAN2Synthesis(nn.Module):
                            architecture == "skip" or i == len(channels) - 1, demodulate, use_noise)
             for i, chs in enumerate(channels))
 
+    def feature_map_modules(self) -> dict[str, nn.Module]:
+        """Each synthesis convolution by name (``"8px.conv0"``): its output is a feature map before noise, bias
+        and activation, where the paper looks for the blob artefact."""
+        return {f"{2 ** (i + 2)}px.{name}": getattr(block, name).conv for i, block in enumerate(self.blocks)
+                for name in ("conv0", "conv1") if getattr(block, name) is not None}
+
     def forward(self, ws: Tensor, noise: str = "random") -> Tensor:
         x = img = None
         for i, block in enumerate(self.blocks):
