@@ -1,5 +1,12 @@
-"""Image classification: logits Tensor[N, C] against integer labels; accuracy, macro-F1 and a confusion matrix on
-the validation split (checkpoint selection) and the test split (the reported figures)."""
+"""Image classification: logits Tensor[N, C] against integer labels.
+
+The validation split (checkpoint selection, ``val/acc``) and the test split (the reported figures) are scored alike:
+accuracy, macro-F1, balanced accuracy, G-mean and per-class recall (:mod:`cvlab.metrics.classification`), and a
+confusion matrix. When the training counts are long-tailed the mean recall of the many / medium / few frequency
+groups joins them (``test/recall_few``, ...; the groups: :func:`~cvlab.metrics.classification.frequency_groups`).
+The report prints the per-class recall table of the last evaluated split, draws its confusion matrix, and gives the
+json the per-class recalls by class name and the classes of each frequency group.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +16,12 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from cvlab.metrics.classification import ClassRecalls, frequency_groups
 from cvlab.tasks.base import BaseTask, register_task
 from cvlab.utils.errors import UserError
 
+# The evaluation metrics the progress bar shows during validation (the others go to the logs and the final table).
+PROGRESS_METRICS = ("loss", "acc", "f1")
 # Predicted copies are enlarged to at least this short side so the label is readable (8x8 digits...).
 _MIN_DRAWN_SIDE = 160
 
@@ -26,13 +36,18 @@ class ClassificationTask(BaseTask):
         self.criterion = self.build_plugin(self.hparams.loss, num_classes=num_classes,
                                            class_counts=list(info.class_counts)) or nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # The training counts (of the data before any resampling) define the frequency groups of a long tail.
+        self.frequency_groups = frequency_groups(info.class_counts)
         # One set of evaluation metrics serves the val and the test pass (they never run at once).
         self.eval_metrics = MetricCollection({
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
+            "recalls": ClassRecalls(num_classes, self.frequency_groups),
         })
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.eval_loss = MeanMetric()  # one log call per epoch instead of one per batch (Lightning's log is not free)
+        # The split and per-class recall Tensor[C] (NaN: a class the split never shows) of the latest evaluation.
+        self.recall_per_class: tuple[str, torch.Tensor] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -57,7 +72,9 @@ class ClassificationTask(BaseTask):
 
     def _log_evaluation(self, split: str) -> None:
         scores = {"loss": self.eval_loss.compute(), **self.eval_metrics.compute()}
-        self.log_dict({f"{split}/{key}": value for key, value in scores.items()}, prog_bar=split == "val")
+        self.recall_per_class = split, scores.pop("recall_per_class").cpu()
+        self.log_dict({f"{split}/{key}": scores.pop(key) for key in PROGRESS_METRICS}, prog_bar=split == "val")
+        self.log_dict({f"{split}/{key}": value for key, value in scores.items()})
         self.eval_metrics.reset()
         self.eval_loss.reset()
 
@@ -68,13 +85,26 @@ class ClassificationTask(BaseTask):
     on_test_epoch_start = on_validation_epoch_start
 
     def report(self, out: Path) -> dict:
+        """The per-class recall table and confusion matrix of the last evaluation; the json gets the per-class
+        recalls (of the classes the split shows) by class name and, for a long tail, each frequency group's
+        classes."""
+        from cvlab.utils.console import class_recall_table, console
         from cvlab.utils.plots import plot_confusion_matrix
 
         super().report(out)
-        if self.confusion.update_count:
-            plot_confusion_matrix(self.confusion.compute().cpu().numpy(), self.class_names,
-                                  out / "confusion_matrix.png")
-        return {}
+        if not self.confusion.update_count or self.recall_per_class is None:
+            return {}
+        names, groups = self.class_names, self.frequency_groups
+        confusion = self.confusion.compute().cpu()
+        split, recall = self.recall_per_class
+        recall = [None if value != value else value for value in recall.tolist()]  # NaN: undefined
+        console.print(class_recall_table(names, recall, confusion.sum(1).tolist(), f"recall per class ({split})",
+                                         list(self.data_info.class_counts), groups))
+        plot_confusion_matrix(confusion.numpy(), names, out / "confusion_matrix.png")
+        per_class = {"recall_per_class": {name: value for name, value in zip(names, recall) if value is not None}}
+        if groups:
+            per_class["frequency_groups"] = {group: [names[i] for i in classes] for group, classes in groups.items()}
+        return per_class
 
     # ------------------------------------------------------------------------------------------ predict
     def predict_step(self, batch, batch_idx: int = 0) -> torch.Tensor:

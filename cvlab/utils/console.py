@@ -89,6 +89,27 @@ def class_iou_table(class_names: list[str], iou: list[float | None], acc: list[f
     return table
 
 
+def class_recall_table(class_names: list[str], recall: list[float | None], images: list[int], title: str,
+                       train_counts: list[int] | None = None, groups: dict[str, list[int]] | None = None) -> Table:
+    """Classification's per-class table: each class's recall and images on the evaluated split ("-" where it shows
+    none of the class), beside its training images when known and its frequency group (many / medium / few) when
+    the training counts are long-tailed."""
+    group_of = {index: name for name, classes in (groups or {}).items() for index in classes}
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    if train_counts:
+        table.add_column("train images", justify="right")
+    if group_of:
+        table.add_column("group")
+    table.add_column("recall", justify="right")
+    table.add_column("images", justify="right")
+    for index, (name, class_recall, count) in enumerate(zip(class_names, recall, images)):
+        cells = [f"{train_counts[index]:,}"] if train_counts else []
+        cells += [group_of.get(index, "")] if group_of else []
+        table.add_row(name, *cells, "-" if class_recall is None else f"{class_recall:.4f}", f"{count:,}")
+    return table
+
+
 def fail(message: str, code: int = 2):
     print_error(message)
     sys.exit(code)
