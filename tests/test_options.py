@@ -123,10 +123,12 @@ def test_every_option_of_the_other_groups_composes_and_takes_effect(group, tmp_p
         if group == "task":
             overrides.append("data=" + {"classification": "digits", "detection": "shapes_det",
                                         "segmentation": "shapes_seg"}.get(option, "digits"))
+        if group == "recipe":
+            overrides.append("model=yolov3_tiny")  # the recipes are detection's
         cfg = check_overrides("train", complete_task(overrides))
         composed = _compose_with_choices(overrides)
         assert composed.hydra.runtime.choices[group] == option
-        if group not in ("experiment", "debug", "sweep"):
+        if group not in ("experiment", "debug", "sweep", "recipe"):
             assert cfg[group] is not None
             continue
         # A global option: every group it overrides and every value it sets must be in the composed config.

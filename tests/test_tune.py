@@ -106,7 +106,7 @@ def test_the_objective_is_the_metric_the_best_checkpoint_is_chosen_by():
         return main_metric(compose("tune", [*overrides, "paths.output_dir=unused"]))
 
     assert metric() == ("val/acc", "max")
-    assert metric("task=detection", "model=yolov3_tiny", "data=shapes_det") == ("val/map_50", "max")
+    assert metric("task=detection", "model=yolov3_tiny", "data=shapes_det") == ("val/fitness", "max")
     assert metric("callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min") == (
         "val/loss", "min")
 

@@ -338,7 +338,7 @@ def export_checkpoint(ckpt: Path, fmt: str = "onnx", out: str | None = None, ima
     path = _out_path(ckpt, fmt, out)
     batch, datamodule = _check_images(task, images)
     info, task_name = task.data_info, task.model_task or task.name
-    network = task.model.eval()
+    network = task.inference_model.eval()
     detector = is_detector(network)
     if not detector and task_name not in ("classification", "segmentation"):
         raise UserError(f"cvlab export does not support {task_name} networks ({type(network).__name__}) yet.")
@@ -466,7 +466,7 @@ class CheckpointRunner:
         self.task_name = task.name
         self.info = task.data_info
         self.data = to_plain(task.hparams.data)
-        self.postprocess = getattr(task.model, "postprocess", None)
+        self.postprocess = getattr(task.inference_model, "postprocess", None)
 
     @functools.cached_property
     def transform(self) -> Callable:

@@ -556,7 +556,8 @@ def test_detector(context: StageContext, cfg: DictConfig, detector_model: dict, 
     metrics.update(evaluate(trainer, task, datamodule, "test"))
     ckpt = context.out_dir / "weights" / "best.ckpt"
     trainer.save_checkpoint(ckpt, weights_only=True)
-    keep_weights_only(ckpt, "val/map_50", "max", metrics.get("val/map_50"))
+    monitor = str(stage_cfg.task.monitor)  # the detection task's (val/fitness), as a trained detector's best.ckpt
+    keep_weights_only(ckpt, monitor, str(stage_cfg.task.mode), metrics.get(monitor))
 
     test_set = datamodule.test_set
     seconds = []

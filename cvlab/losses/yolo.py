@@ -20,6 +20,10 @@ loss_cls)`` of scalars summed over the batch and divided by the batch size (Dark
 independent of the batch). The total loss is their sum. Squared errors are written without Darknet's implicit ½ (its
 deltas are gradients of ½·error²): a constant factor only rescales the learning rate.
 
+Each loss lists the box terms it can score with as ``box_losses`` (its ``box_loss`` argument's choices): the
+detection task reads them to set the box term of a model's own loss (``loss=default loss.box_loss=ciou``, which
+``recipe=modern`` gives every YOLO).
+
 Target boxes come in the detection contract's format: ``targets[i] = dict(boxes=Tensor[M_i, 4] xyxy pixels,
 labels=Tensor[M_i] int64)``.
 """
@@ -45,11 +49,18 @@ LossDict = dict[str, torch.Tensor]
 LOSS_NAMES = ("loss_box", "loss_obj", "loss_noobj", "loss_cls")
 
 
+def check_box_loss(box_loss: str | None, choices: tuple[str, ...]) -> None:
+    if box_loss not in choices:
+        raise ValueError(f"unknown box_loss {box_loss!r}; choose one of {', '.join(choices)}")
+
+
 class YoloV1Loss(nn.Module):
     """YOLOv1's sum-squared error (paper eq. 3) on the positives of a :class:`~cvlab.ops.assigners.GridCellAssigner`
     (per object: the cell containing its centre and that cell's responsible predictor). Divided by the batch size:
 
     - ``loss_box = λcoord Σ_resp [(x − x̂)² + (y − ŷ)² + (√w − √ŵ)² + (√h − √ĥ)²]`` (the net predicts √w, √h);
+      ``box_loss="ciou"`` puts ``1 − CIoU`` of the responsible predictor's decoded box in the bracket's place
+      (``torchvision.ops.complete_box_iou_loss``; not in the paper: the modern recipe's box term);
     - ``loss_obj = Σ_resp (C − IoU(pred, truth))²`` (the confidence target is the IoU);
     - ``loss_noobj = λnoobj Σ_not-resp C²`` over all other predictors, in object cells too;
     - ``loss_cls = Σ_object-cells Σ_c (p(c) − p̂(c))²`` (one class distribution per cell).
@@ -58,10 +69,14 @@ class YoloV1Loss(nn.Module):
     targets, image_size=(H, W)) -> LossDict``.
     """
 
-    def __init__(self, lambda_coord: float = 5.0, lambda_noobj: float = 0.5):
+    box_losses = ("mse", "ciou")
+
+    def __init__(self, lambda_coord: float = 5.0, lambda_noobj: float = 0.5, box_loss: str = "mse"):
         super().__init__()
+        check_box_loss(box_loss, self.box_losses)
         self.lambda_coord = lambda_coord
         self.lambda_noobj = lambda_noobj
+        self.box_loss = box_loss
         self.assigner = GridCellAssigner()
 
     def forward(self, box_pred: torch.Tensor, class_pred: torch.Tensor, targets: list[dict],
@@ -74,12 +89,17 @@ class YoloV1Loss(nn.Module):
         cell = (assigned.image, assigned.row, assigned.col)
 
         resp_pred = box_pred[(*cell, assigned.predictor)]  # Tensor[M, 5]
-        centre_size = box_convert(assigned.boxes, "xyxy", "cxcywh") / assigned.boxes.new_tensor(
-            [img_w, img_h, img_w, img_h])
-        target_xy = torch.stack((centre_size[:, 0] * grid_w - assigned.col,
-                                 centre_size[:, 1] * grid_h - assigned.row), -1)
-        loss_box = self.lambda_coord * ((resp_pred[:, :2] - target_xy).square().sum()
-                                        + (resp_pred[:, 2:4] - centre_size[:, 2:].sqrt()).square().sum())
+        if self.box_loss == "ciou":
+            loss_box = complete_box_iou_loss(decode_cell_boxes(box_pred[..., :4], image_size)[
+                (*cell, assigned.predictor)], assigned.boxes, reduction="sum")
+        else:
+            centre_size = box_convert(assigned.boxes, "xyxy", "cxcywh") / assigned.boxes.new_tensor(
+                [img_w, img_h, img_w, img_h])
+            target_xy = torch.stack((centre_size[:, 0] * grid_w - assigned.col,
+                                     centre_size[:, 1] * grid_h - assigned.row), -1)
+            loss_box = ((resp_pred[:, :2] - target_xy).square().sum()
+                        + (resp_pred[:, 2:4] - centre_size[:, 2:].sqrt()).square().sum())
+        loss_box = self.lambda_coord * loss_box
         loss_obj = (resp_pred[:, 4] - assigned.iou).square().sum()
 
         not_responsible = torch.ones(box_pred.shape[:4], dtype=torch.bool, device=box_pred.device)
@@ -110,10 +130,11 @@ class AnchorYoloLoss(nn.Module):
     everywhere; :func:`~cvlab.ops.postprocess.anchor_cell_offsets`), the detector's own, so boxes decode as at eval.
     """
 
+    box_losses = ("mse", "giou", "ciou")
+
     def __init__(self, ignore_thresh: float, box_loss: str = "mse", coord_scale: float = 1.0, iou_thresh: float = 1.0):
         super().__init__()
-        if box_loss not in ("mse", "giou", "ciou"):
-            raise ValueError(f"unknown box_loss {box_loss!r}; choose 'mse', 'giou' or 'ciou'")
+        check_box_loss(box_loss, self.box_losses)
         self.assigner = BestAnchorAssigner(ignore_thresh, iou_thresh)
         self.box_loss = box_loss
         self.coord_scale = coord_scale
@@ -282,12 +303,12 @@ class YoloV5Loss(nn.Module):
     #: YOLOv5's box decoding (:func:`~cvlab.ops.postprocess.decode_anchor_boxes`), which the detector's head shares.
     BOX_DECODING = {"xy_scale": 2.0, "bounded_size": True}
     REFERENCE_SIZE = 640  # the input size the hyp file's objectness gain is for
+    box_losses = ("ciou", "mse")
 
     def __init__(self, anchor_t: float = 4.0, box_gain: float = 0.05, obj_gain: float = 1.0, cls_gain: float = 0.5,
                  balance: tuple[float, ...] = (4.0, 1.0, 0.4), iou_ratio: float = 1.0, box_loss: str = "ciou"):
         super().__init__()
-        if box_loss not in ("ciou", "mse"):
-            raise ValueError(f"unknown box_loss {box_loss!r}; choose 'ciou' or 'mse'")
+        check_box_loss(box_loss, self.box_losses)
         if not 0.0 <= iou_ratio <= 1.0:
             raise ValueError(f"iou_ratio must be in [0, 1], got {iou_ratio}")
         self.assigner = RatioAnchorAssigner(anchor_t)

@@ -25,7 +25,7 @@ What v3.0's N and S train with, and what is left out:
   anchor-aided training (v3.0's ``--fuse_ab`` auxiliary anchor-based branch, a training-only head).
 
 SIoU is not in torchvision and is written here (:func:`siou_loss`); the BCE is ``F.binary_cross_entropy_with_logits``
-(the class logits, for stability under mixed precision), GIoU torchvision's.
+(the class logits, for stability under mixed precision), GIoU and CIoU torchvision's.
 
 ``forward(levels: list[Tensor[N, 4 + C, H_l, W_l]], targets, image_size) -> dict(loss_cls, loss_box)``: the
 detector's raw levels (:class:`~cvlab.models.heads.decoupled_head.EfficientDecoupledHead`) and the detection
@@ -38,12 +38,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
 
+from cvlab.losses.yolo import check_box_loss
 from cvlab.ops.assigners import TaskAlignedAssigner
 from cvlab.ops.postprocess import decode_distance_boxes, flatten_levels, grid_points
 
-BOX_LOSSES = ("siou", "giou")
+BOX_LOSSES = ("siou", "giou", "ciou")
 CLASS_LOSSES = ("varifocal", "bce")
 
 
@@ -98,18 +99,21 @@ class YoloV6Loss(nn.Module):
 
     Args:
         topk / alpha / beta: the :class:`~cvlab.ops.assigners.TaskAlignedAssigner`'s (13, 1, 6).
-        box_loss: ``"siou"`` (YOLOv6-N) or ``"giou"`` (YOLOv6-S); None: the detector's variant sets it.
+        box_loss: ``"siou"`` (YOLOv6-N) or ``"giou"`` (YOLOv6-S); ``"ciou"`` (``IOUloss``' other choice; the modern
+            recipe's); None: the detector's variant sets it.
         cls_loss: ``"varifocal"``, or ``"bce"`` (the same soft targets, no varifocal weighting: ablation).
         cls_weight / box_weight: the terms' weights (``loss_weight`` class 1.0, iou 2.5).
         vfl_alpha / vfl_gamma: the varifocal loss's α (0.75) and γ (2).
     """
 
+    box_losses = BOX_LOSSES
+
     def __init__(self, topk: int = 13, alpha: float = 1.0, beta: float = 6.0, box_loss: str | None = None,
                  cls_loss: str = "varifocal", cls_weight: float = 1.0, box_weight: float = 2.5,
                  vfl_alpha: float = 0.75, vfl_gamma: float = 2.0):
         super().__init__()
-        if box_loss is not None and box_loss not in BOX_LOSSES:
-            raise ValueError(f"unknown box_loss {box_loss!r}; choose one of {', '.join(BOX_LOSSES)}")
+        if box_loss is not None:
+            check_box_loss(box_loss, BOX_LOSSES)
         if cls_loss not in CLASS_LOSSES:
             raise ValueError(f"unknown cls_loss {cls_loss!r}; choose one of {', '.join(CLASS_LOSSES)}")
         self.assigner = TaskAlignedAssigner(topk, alpha, beta)
@@ -122,6 +126,8 @@ class YoloV6Loss(nn.Module):
             return generalized_box_iou_loss(boxes, target_boxes, reduction="none")
         if self.box_loss == "siou":
             return siou_loss(boxes, target_boxes)
+        if self.box_loss == "ciou":
+            return complete_box_iou_loss(boxes, target_boxes, reduction="none")
         raise ValueError("YoloV6Loss has no box_loss: set it, or let the YOLOv6 detector set its variant's")
 
     def forward(self, levels: list[torch.Tensor], targets: list[dict],

@@ -9,14 +9,27 @@ COCOeval's accumulated ``precision`` array ``[T, R, K, A, M]`` (IoU thresholds x
 area ranges x max-detections). :meth:`DetectionMeanAP.pr_curves` slices it at one IoU, area "all" and the
 largest max-detections. That precision is COCO's interpolated one (the best precision at any recall >= r)
 and is 0 at recall points the detector never reaches.
+
+:func:`fitness` is one number to choose a checkpoint by: a weighted sum of the summary figures, Ultralytics'
+``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (YOLOv5's ``utils/metrics.py`` ``fitness``, Ultralytics'
+``Metric.fitness``; their precision and recall weigh 0).
 """
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from torchmetrics.detection import MeanAveragePrecision
+
+# The summary figures of DetectionMeanAP.compute(), logged as <split>/<key>.
+SUMMARY_KEYS = ("map", "map_50", "map_75", "mar_100")
+FITNESS_WEIGHTS = {"map_50": 0.1, "map": 0.9}
+
+
+def fitness(scores: Mapping[str, float], weights: Mapping[str, float] = FITNESS_WEIGHTS) -> float:
+    """``Σ weights[k] · scores[k]`` over the summary figures ``weights`` names (default: Ultralytics' fitness)."""
+    return float(sum(weight * scores[key] for key, weight in weights.items()))
 
 
 def default_backend() -> str:

@@ -26,8 +26,9 @@ from cvlab.utils.schedules import PLAN_KEYS
 
 # Keys of a model config that describe it rather than parameterise its constructor (adam_lr: the AdamW rate of the
 # model's own recipe, read by conf/optimizer/adamw.yaml; pipeline: the stages that train it, R-CNN's; epochs: its
-# default trainer.max_epochs, read by conf/trainer/default.yaml).
-MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr", "pipeline", "epochs")
+# default trainer.max_epochs, read by conf/trainer/default.yaml; ema, mosaic, mixup: its recipe's weight EMA and
+# multi-image augmentation, the defaults of task.ema (conf/task/detection.yaml) and data.mosaic / data.mixup).
+MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr", "pipeline", "epochs", "ema", "mosaic", "mixup")
 # Keys of the trainer group that are cvlab's, not Lightning Trainer arguments: how a task runs its network
 # (:meth:`BaseTask.set_execution`). The engine's trainer builder leaves them out.
 EXECUTION_KEYS = ("compile", "channels_last")
@@ -215,6 +216,12 @@ class BaseTask(pl.LightningModule):
     def class_names(self) -> list[str]:
         return list(self.data_info.class_names)
 
+    @property
+    def inference_model(self) -> nn.Module:
+        """The network that evaluation, ``cvlab predict`` and ``cvlab export`` run: the model, unless the task keeps
+        another copy of it for that (detection's weight EMA)."""
+        return self.model
+
     # ------------------------------------------------------------------------------------------ execution
     def set_execution(self, compile: bool = False, channels_last: bool | str = "auto") -> None:
         """How the network runs in training and evaluation (``trainer.compile``, ``trainer.channels_last``; not
@@ -241,8 +248,10 @@ class BaseTask(pl.LightningModule):
         use = is_convolutional(self.model) and device.type == "cuda" if wanted == "auto" else bool(wanted)
         if use and not self._uses_channels_last:
             self.to(memory_format=torch.channels_last)
-            # The images too, however the network is called (training, evaluation, predict).
-            self.model.register_forward_pre_hook(lambda network, inputs: tuple(map(channels_last_images, inputs)))
+            # The images too, however the network is called (training, evaluation, predict; a separate inference
+            # copy, detection's weight EMA, as well).
+            for network in {id(net): net for net in (self.model, self.inference_model)}.values():
+                network.register_forward_pre_hook(lambda network, inputs: tuple(map(channels_last_images, inputs)))
             self._uses_channels_last = True
         if self._compile_network and not self._network_compiled:
             self.model.compile()

@@ -8,35 +8,125 @@ replay it. The sizes are the paper's for a ``base`` (416 px) input and scale wit
 
 Settings that depend on the data are resolved here before the model is built: ``model.anchors=auto`` becomes the
 k-means anchors of the training boxes (:mod:`cvlab.tasks.anchors`), stored as such in the checkpoint.
+
+The ``task`` node (conf/task/detection.yaml, :class:`DetectionSettings`) adds two training settings:
+
+- ``ema``: a weight EMA (:class:`~cvlab.tasks.ema.WeightEMA`, YOLOv5's decay 0.9999 ramped over 2000 updates),
+  updated after every optimiser step. Validation, test, predict and export run the EMA (:attr:`inference_model`),
+  so the best checkpoint is the best EMA, which it holds (``ema.module.*``) beside the live weights a resume
+  continues from. Default: the model's (``model.ema``: YOLOv5 / v6 / v7 train with one), else off.
+- ``fitness``: ``val/fitness``, the score the best checkpoint is chosen by, a weighted sum of the COCO figures;
+  Ultralytics' ``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (:func:`~cvlab.metrics.detection.fitness`), so the
+  tightness of the boxes counts and not only their hits at IoU 0.5.
+
+``loss=default`` (the model's own loss) also takes ``box_loss`` (``recipe=modern`` sets it to ``ciou``): the box term
+of the model's own loss, where that loss offers the choice (:meth:`DetectionTask._set_own_box_loss`).
 """
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from cvlab.metrics.detection import DetectionMeanAP
+from cvlab.metrics.detection import FITNESS_WEIGHTS, SUMMARY_KEYS, DetectionMeanAP, fitness
 from cvlab.tasks.base import BaseTask, register_task
+from cvlab.tasks.ema import WeightEMA
+from cvlab.utils.errors import UserError
+from cvlab.utils.plugins import PLUGIN_META_KEYS
+from cvlab.utils.validate import check_number
 
 # Box colours by class index (cycled), chosen to stay apart on photos and on the grey letterbox.
 _PALETTE = [(255, 56, 56), (44, 153, 168), (255, 157, 151), (72, 249, 10), (146, 204, 23), (61, 219, 134),
             (255, 178, 29), (26, 147, 52), (0, 212, 187), (207, 210, 49), (132, 56, 255), (255, 55, 199)]
 
 
+@dataclass(frozen=True)
+class DetectionSettings:
+    """The ``task`` node's settings (conf/task/detection.yaml; see the module docstring). A checkpoint written before
+    they existed holds no ``task`` node: no EMA, the default fitness."""
+
+    ema: bool = False
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    fitness: dict = field(default_factory=lambda: dict(FITNESS_WEIGHTS))
+
+    @classmethod
+    def from_dict(cls, task: dict | None) -> "DetectionSettings":
+        task = task or {}
+        settings = cls(**{key: task[key] for key in ("ema", "ema_decay", "ema_tau", "fitness") if key in task})
+        if not isinstance(settings.ema, bool):
+            raise UserError(f"task.ema is true or false, got {settings.ema!r}.")
+        check_number("task.ema_decay", settings.ema_decay, 0, 1, high_open=True, hint=" (YOLOv5's 0.9999)")
+        check_number("task.ema_tau", settings.ema_tau, 0, low_open=True,
+                     hint=" (the decay's ramp in optimiser steps, YOLOv5's 2000)")
+        weights = settings.fitness
+        if not isinstance(weights, dict) or not weights or set(weights) - set(SUMMARY_KEYS):
+            raise UserError(f"task.fitness weighs some of {', '.join(SUMMARY_KEYS)} (e.g. {{map_50: 0.1, map: 0.9}}), "
+                            f"got {weights!r}.")
+        for key, weight in weights.items():
+            check_number(f"task.fitness.{key}", weight, 0)
+        if not sum(weights.values()) > 0:
+            raise UserError(f"task.fitness weights are all 0: {weights!r}; give one a positive weight.")
+        return settings
+
+
 @register_task("detection")
 class DetectionTask(BaseTask):
-    def __init__(self, *args, **kwargs):
+    """See the module docstring. Hyper-parameters besides BaseTask's: ``task`` (:class:`DetectionSettings`)."""
+
+    groups = (*BaseTask.groups, "task")
+
+    def __init__(self, *args, task: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.settings = DetectionSettings.from_dict(task)
         info = self.data_info
         loss = self.build_plugin(self.hparams.loss, num_classes=info.num_classes, class_counts=list(info.class_counts))
         self.model = self.build_model(num_classes=info.num_classes, image_size=info.image_size,
                                       **({"loss": loss} if loss is not None else {}))
+        if loss is None:
+            self._set_own_box_loss(self.hparams.loss or {})
+        self.ema = self._build_ema()
         self.map_metric = DetectionMeanAP(self.class_names)
         self.multiscale = self.hparams.model.get("multiscale")
         self.per_class: dict = {}
+
+    def _set_own_box_loss(self, loss_cfg: dict) -> None:
+        """``loss=default`` with ``box_loss`` (recipe=modern, ``+loss.box_loss=ciou``) chooses the box term of the
+        model's own loss, among the ``box_losses`` that loss offers; any other setting is refused: it belongs to a
+        named loss (``loss=yolov3 loss.ignore_thresh=...``)."""
+        settings = {key: value for key, value in loss_cfg.items() if key not in PLUGIN_META_KEYS}
+        if not settings:
+            return
+        name = self.hparams.model["name"]
+        others = sorted(set(settings) - {"box_loss"})
+        if others:
+            raise UserError(f"loss=default (the model's own loss) takes only box_loss; set "
+                            f"{', '.join('loss.' + key for key in others)} on a named loss (`cvlab list loss`).")
+        own = getattr(self.model, "loss", None)
+        choices = tuple(getattr(own, "box_losses", ()))
+        if settings["box_loss"] not in choices:
+            which = f" ({type(own).__name__})" if own is not None else ""
+            offered = f"takes box_loss {', '.join(choices)}" if choices else "has no box_loss choice"
+            raise UserError(f"loss.box_loss={settings['box_loss']}: {name}'s own loss{which} {offered}.")
+        own.box_loss = settings["box_loss"]
+
+    def _build_ema(self) -> WeightEMA | None:
+        if not self.settings.ema:
+            return None
+        if self.hparams.model.get("pipeline"):
+            raise UserError(f"task.ema averages the weights of a detector trained by gradient steps; "
+                            f"model={self.hparams.model['name']} is trained in stages. Drop task.ema=true.")
+        return WeightEMA(self.model, self.settings.ema_decay, self.settings.ema_tau)
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """The weight EMA when the task keeps one, else the model."""
+        return self.model if self.ema is None else self.ema.module
 
     @classmethod
     def resolve(cls, configs: dict, datamodule, seed: int) -> dict:
@@ -59,9 +149,10 @@ class DetectionTask(BaseTask):
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
                 proposals: list[torch.Tensor] | None = None):
-        if getattr(self.model, "needs_proposals", False):  # Fast R-CNN: region proposals per image, or None
-            return self.model(images, targets, proposals=proposals)
-        return self.model(images, targets)
+        network = self.model if self.training else self.inference_model
+        if getattr(network, "needs_proposals", False):  # Fast R-CNN: region proposals per image, or None
+            return network(images, targets, proposals=proposals)
+        return network(images, targets)
 
     @staticmethod
     def _proposals(targets: list[dict]) -> list[torch.Tensor] | None:
@@ -96,6 +187,11 @@ class DetectionTask(BaseTask):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
         return total
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # after every optimiser step (every accumulate_grad_batches batches)
+            self.ema.update_parameters(self.model)
+
     # ------------------------------------------------------------------------------------------ val and test
     def _evaluate_batch(self, batch, batch_idx: int, split: str) -> None:
         images, targets = batch
@@ -106,8 +202,9 @@ class DetectionTask(BaseTask):
         scores = self.map_metric.compute()
         self.per_class = {"ap50_per_class": scores["ap50_per_class"], "ap_per_class": scores["ap_per_class"],
                           "pr_curves": self.map_metric.pr_curves(0.5)}
-        self.log_dict({f"{split}/{key}": scores[key] for key in ("map", "map_50", "map_75", "mar_100")},
-                      prog_bar=split == "val")
+        figures = {key: scores[key] for key in SUMMARY_KEYS}
+        figures["fitness"] = fitness(figures, self.settings.fitness)
+        self.log_dict({f"{split}/{key}": value for key, value in figures.items()}, prog_bar=split == "val")
         self.map_metric.reset()
 
     def report(self, out: Path) -> dict:

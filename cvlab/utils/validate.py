@@ -7,9 +7,9 @@ bad value becomes one :class:`~cvlab.utils.errors.UserError` line naming the key
 - :func:`check_annotation` checks a value against a constructor's type annotation (``trainer.precision`` against
   ``pytorch_lightning.Trainer``'s ``Literal``), for keys the shipped yamls do not type.
 - :func:`check_settings` applies :data:`RULES` (the trainer, the seed, predict's ``top_k``/``conf``/``device``) to
-  a composed config, then builds what is cheap to build with its settings, so that their own checks run
-  now: the optimizer (on one dummy parameter), its scheduler, and the datamodule (its constructor only: no data is
-  read).
+  a composed config, refuses a recipe for another task, then builds what is cheap to build with its settings, so
+  that their own checks run now: the optimizer (on one dummy parameter), its scheduler, and the datamodule (its
+  constructor only: no data is read).
 """
 from __future__ import annotations
 
@@ -369,8 +369,19 @@ def check_settings(cfg) -> None:
         if value is not _ABSENT:
             rule(key, OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
     _check_device_count(cfg)
+    _check_recipe(cfg)
     _try_optimizer(cfg)
     _try_datamodule(cfg)
+
+
+def _check_recipe(cfg) -> None:
+    """A recipe (``recipe=modern``) names the task its settings are for (``recipe.task``)."""
+    from omegaconf import OmegaConf
+
+    wanted, task = OmegaConf.select(cfg, "recipe.task"), OmegaConf.select(cfg, "task.name")
+    if wanted is not None and task is not None and wanted != task:
+        raise UserError(f"recipe={OmegaConf.select(cfg, 'recipe.name')} is a training recipe for {wanted} models "
+                        f"(`cvlab list model`); task={task} cannot use it. Drop recipe=... or choose a {wanted} model.")
 
 
 def _check_device_count(cfg) -> None:
