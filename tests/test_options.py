@@ -151,3 +151,18 @@ def test_each_task_sets_its_default_training_length():
     assert compose("train", complete_task(["model=yolov3_tiny", "trainer.max_epochs=3"])).trainer.max_epochs == 3
     assert compose("train", complete_task(["model=yolov3_tiny", "trainer=gpu"])).trainer.max_epochs == 12
     assert compose("eval", ["ckpt=x.ckpt"]).trainer.max_epochs == 6
+    # A model's own length (model/*.yaml `epochs`) comes before its task's; trainer.max_epochs before both.
+    own = complete_task(["model=yolov3_tiny", "+model.epochs=30"])
+    assert compose("train", own).trainer.max_epochs == 30
+    assert compose("train", [*own, "trainer.max_epochs=2"]).trainer.max_epochs == 2
+
+
+def test_each_task_sets_its_default_batch_size():
+    """data.batch_size follows the task (task/*.yaml `batch_size`) where it has one: GANs train on batches of 16."""
+    from cvlab.cli import complete_task
+    from cvlab.utils.config import compose
+
+    assert compose("train", []).data.batch_size == 64
+    gan = compose("train", complete_task(["model=stylegan2"]))
+    assert (gan.data.name, gan.data.batch_size, gan.trainer.max_epochs) == ("digits32", 16, 20)
+    assert compose("train", complete_task(["model=stylegan2", "data.batch_size=8"])).data.batch_size == 8
