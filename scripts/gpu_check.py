@@ -13,6 +13,22 @@
 4. **BiSeNet inference** (issue 12): images/s of BiSeNet V1 (ResNet-18, 19 classes) in eval, batch 1, bf16 autocast,
    channels-last, at 1024×2048 and at the paper's 768×1536, beside the paper's Titan XP figures at 768×1536 (105.8
    FPS with Xception39, 65.5 with ResNet-18). Not judged: another GPU, another software stack.
+5. **yolov5s and yolov7 training throughput** (issue 15): ``cvlab train model=yolov5s data=shapes_det
+   data.image_size=640 trainer.precision=bf16-mixed`` (each model's recipe as it ships: mosaic, weight EMA), batch
+   32, the images/s of 24 batches after 8 warm-up, timed by part 1's callback; one epoch of exactly those batches,
+   so the window holds no validation. The note gives the window's share spent between steps (loading the next
+   batch, the hooks): where that is most of it, the data loader sets the pace, not the GPU.
+6. **stylegan2 at 64 px** (issue 16) on shapes that cvlab draws at 64 px (10,000 training images), batch 64, fp32
+   (the task's own precision: R1 and path-length regularisation differentiate gradients), for a budget of 2 minutes
+   (``trainer.max_time``, its validations included): images/s after 20 warm-up batches with the validations left
+   out, and the best checkpoint's test FID (cvlab features) and its ratio to the untrained generator's val FID.
+   Not judged: issue 16's bar (at most 1/4 in 15 minutes) is for digits32 on the CPU.
+
+Time on one H200, estimated (no part has run on a GPU yet): each cvlab run ~15 s to start (imports, its data, the
+report). resnet50 ~1 min (twice 75 steps of 256 at ~3,000 img/s, the loader alone, the cvlab run's start); yolov3
+~1.5 min (12 epochs of 125 batches at 128 px with validation); bisenet ~15 s; yolov5s and yolov7 ~1 min each (their
+1,024 + 64 scenes at 640 px take ~30 ms each to draw, ~30 s; 32 batches); stylegan2 ~2.5 min (the 2-minute budget,
+11,000 images at 64 px ~1 ms each, the feature classifier's 5 epochs, test and figures): ~7.5 minutes in all.
 
 Without a GPU it stops with one line. ``--dry-run`` runs every part on the CPU at tiny sizes (the DDP part as two
 CPU processes), to check the script itself; its numbers mean nothing and its goals are not judged.
@@ -59,6 +75,15 @@ class Sizes:
     ddp: list[str] = field(default_factory=lambda: ["trainer=ddp", "trainer.devices=2"])
     segmentation_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 2048), (768, 1536)])
     segmentation_passes: tuple[int, int] = (10, 50)  # warm-up, timed
+    detector_size: int = 640
+    detector_batch_size: int = 32
+    detector_steps: tuple[int, int] = (8, 24)  # warm-up, timed batches: one epoch of 1,024 scenes at 640 px
+    gan_size: int = 64
+    gan_batch_size: int = 64
+    gan_train_size: int = 10_000  # 156 batches an epoch: the validation after each (FID on 500) costs a few percent
+    gan_warmup: int = 20  # batches
+    gan_budget_s: int = 120
+    gan_overrides: list[str] = field(default_factory=lambda: ["trainer.max_epochs=-1"])  # the budget alone stops it
 
     @classmethod
     def dry_run(cls) -> "Sizes":
@@ -69,7 +94,10 @@ class Sizes:
                    ddp=["trainer=ddp_cpu", "data.batch_size=32", "trainer.max_epochs=1",
                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
                         "trainer.limit_test_batches=2"],
-                   segmentation_sizes=[(64, 128)], segmentation_passes=(1, 2))
+                   segmentation_sizes=[(64, 128)], segmentation_passes=(1, 2),
+                   detector_size=64, detector_batch_size=2, detector_steps=(1, 2),
+                   gan_size=32, gan_batch_size=4, gan_train_size=8, gan_warmup=1,
+                   gan_overrides=["trainer.max_epochs=2", "data.val_size=8", "metrics.feature_epochs=1"])
 
 
 @dataclass
@@ -97,30 +125,63 @@ def _step_timer_class():
     import torch
 
     class StepTimer(pl.Callback):
-        """Times optimizer steps ``warmup .. warmup + steps`` of a run (synchronising the GPU at both ends) and
-        writes {"seconds", "steps", "images"} to ``path``."""
+        """Times training batches ``warmup .. warmup + steps`` of a run (all of them after the warm-up when ``steps``
+        is None), leaving out validations that fall inside, and writes {"seconds", "steps", "images", "between"} to
+        ``path`` at the window's end (or the training's). The GPU is synchronised at both ends of each timed stretch.
+        It counts batches, not Lightning's global steps: a GAN takes two optimizer steps a batch. ``between``: the
+        seconds from one timed batch's end to the next's start (loading the next batch, the hooks)."""
 
-        def __init__(self, path: str, warmup: int, steps: int):
+        def __init__(self, path: str, warmup: int, steps: int | None = None):
             self.path, self.warmup, self.steps = Path(path), warmup, steps
-            self.started = 0.0
+            self.batches = 0  # training batches finished
             self.images = 0
+            self.seconds = self.between = 0.0
+            self.since: float | None = None  # the start of the stretch being timed
+            self.ended: float | None = None  # the end of the last timed batch, while its stretch runs
 
         def _sync(self, trainer) -> None:
             if trainer.strategy.root_device.type == "cuda":
                 torch.cuda.synchronize()
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == self.warmup:
+        def _in_window(self) -> bool:
+            return self.batches >= self.warmup and (self.steps is None or self.batches < self.warmup + self.steps)
+
+        def _pause(self, trainer) -> None:
+            if self.since is not None:
                 self._sync(trainer)
-                self.started = time.perf_counter()
-            if trainer.global_step >= self.warmup:
-                self.images += len(batch[0])
+                self.seconds += time.perf_counter() - self.since
+                self.since = self.ended = None
+
+        def _write(self) -> None:
+            self.path.write_text(json.dumps({"seconds": self.seconds, "steps": self.batches - self.warmup,
+                                             "images": self.images, "between": self.between}))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not self._in_window():
+                return
+            if self.since is None:
+                self._sync(trainer)
+                self.since = time.perf_counter()
+            elif self.ended is not None:
+                self.between += time.perf_counter() - self.ended
+            self.images += len(batch[0])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == self.warmup + self.steps:
-                self._sync(trainer)
-                seconds = time.perf_counter() - self.started
-                self.path.write_text(json.dumps({"seconds": seconds, "steps": self.steps, "images": self.images}))
+            timed = self._in_window()
+            self.batches += 1
+            if timed and self.steps is not None and self.batches == self.warmup + self.steps:
+                self._pause(trainer)
+                self._write()
+            elif timed:
+                self.ended = time.perf_counter()
+
+        def on_validation_start(self, trainer, pl_module):
+            self._pause(trainer)
+
+        def on_train_end(self, trainer, pl_module):
+            if self.steps is None:
+                self._pause(trainer)
+                self._write()
 
     return StepTimer
 
@@ -140,6 +201,31 @@ def run_cvlab(overrides: list[str], runs: Path, log: Path) -> tuple[Path | None,
     seconds = time.perf_counter() - started
     runs_made = sorted(p.parent for p in runs.rglob(".hydra"))
     return (runs_made[-1] if runs_made else None), seconds, code
+
+
+def timed_train(name: str, overrides: list[str], work: Path, warmup: int,
+                steps: int | None) -> tuple[dict | None, Path | None, float, int]:
+    """``cvlab train`` with :class:`StepTimer` timing its batches ``warmup ..`` (``steps`` of them, or all the rest:
+    None), under ``work/runs_<name>``, its output in ``work/<name>.log``. Returns (the timer's record, None when the
+    run failed or timed no image; its run directory; wall seconds; exit code)."""
+    timing = work / f"{name}_steps.json"
+    timer = ["+callbacks.step_timer._target_=gpu_check.StepTimer", f"+callbacks.step_timer.path={timing}",
+             f"+callbacks.step_timer.warmup={warmup}",
+             f"+callbacks.step_timer.steps={'null' if steps is None else steps}"]
+    run, seconds, code = run_cvlab([*overrides, *timer], work / f"runs_{name}", work / f"{name}.log")
+    measured = json.loads(timing.read_text()) if code == 0 and timing.is_file() else None
+    return (measured if measured and measured["images"] else None), run, seconds, code
+
+
+def failed_run(name: str, unit: str, goal: str, seconds: float, code: int, log: Path) -> Check:
+    """The row of a part whose cvlab run gave no figure."""
+    return Check(name, None, unit, goal, False, seconds, f"cvlab train failed (exit {code}); see {log}")
+
+
+def metrics_of(run: Path | None) -> dict | None:
+    """A run directory's metrics.json, or None where there is none."""
+    metrics_file = run / "metrics.json" if run else None
+    return json.loads(metrics_file.read_text()) if metrics_file is not None and metrics_file.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- part 1: resnet50
@@ -231,18 +317,13 @@ def data_loader_rate(sizes: Sizes) -> float:
 def check_resnet50(sizes: Sizes, work: Path, peak_tflops: float | None) -> list[Check]:
     started = time.perf_counter()
     plain_rate, plain_flops = plain_loop(sizes)
-    timing = work / "resnet50_steps.json"
     overrides = [*resnet50_data(sizes), f"trainer.accelerator={sizes.device}", f"trainer.precision={sizes.precision}",
                  "trainer.channels_last=true", f"trainer.max_steps={sizes.warmup_steps + sizes.timed_steps}",
-                 "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-                 "+callbacks.step_timer._target_=gpu_check.StepTimer", f"+callbacks.step_timer.path={timing}",
-                 f"+callbacks.step_timer.warmup={sizes.warmup_steps}",
-                 f"+callbacks.step_timer.steps={sizes.timed_steps}"]
-    run, seconds, code = run_cvlab(overrides, work / "runs", work / "resnet50.log")
-    if code != 0 or not timing.is_file():
-        return [Check("resnet50 bf16 224px: cvlab train", None, "img/s", f">= {THROUGHPUT_GOAL} x plain", False,
-                      seconds, f"cvlab train failed (exit {code}); see {work / 'resnet50.log'}")]
-    measured = json.loads(timing.read_text())
+                 "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+    measured, run, seconds, code = timed_train("resnet50", overrides, work, sizes.warmup_steps, sizes.timed_steps)
+    if measured is None:
+        return [failed_run("resnet50 bf16 224px: cvlab train", "img/s", f">= {THROUGHPUT_GOAL} x plain", seconds, code,
+                           work / "resnet50.log")]
     cvlab_rate = measured["images"] / measured["seconds"]
 
     from cvlab.models import create_model
@@ -274,11 +355,9 @@ def check_yolov3(sizes: Sizes, work: Path) -> Check:
     overrides = ["model=yolov3", f"trainer.precision={sizes.precision}", f"data.num_workers={sizes.workers}",
                  *sizes.yolo_overrides]
     run, seconds, code = run_cvlab(overrides, work / "runs_yolov3", work / "yolov3.log")
-    metrics_file = run / "metrics.json" if run else None
-    if code != 0 or metrics_file is None or not metrics_file.is_file():
-        return Check("yolov3 shapes_det test mAP@0.5", None, "", f">= {MAP50_GOAL}", False, seconds,
-                     f"cvlab train failed (exit {code}); see {work / 'yolov3.log'}")
-    metrics = json.loads(metrics_file.read_text())
+    metrics = metrics_of(run) if code == 0 else None
+    if metrics is None:
+        return failed_run("yolov3 shapes_det test mAP@0.5", "", f">= {MAP50_GOAL}", seconds, code, work / "yolov3.log")
     value = metrics.get("test/map_50")
     judged = sizes.device == "cuda"
     return Check("yolov3 shapes_det test mAP@0.5", value, "", f">= {MAP50_GOAL}",
@@ -333,6 +412,68 @@ def check_bisenet(sizes: Sizes) -> list[Check]:
     return checks
 
 
+# ---------------------------------------------------------------------------------------------- parts 5 and 6
+YOLO_SPEED_MODELS = ("yolov5s", "yolov7")
+
+
+def check_yolo_speed(sizes: Sizes, work: Path) -> list[Check]:
+    """Issue 15: training images/s of each of :data:`YOLO_SPEED_MODELS` through cvlab on shapes_det at
+    ``sizes.detector_size`` (one epoch of exactly the warm-up and timed batches)."""
+    warmup, timed = sizes.detector_steps
+    batch = sizes.detector_batch_size
+    checks = []
+    for model in YOLO_SPEED_MODELS:
+        name = f"{model} bf16 {sizes.detector_size}px shapes_det: cvlab train"
+        overrides = [f"model={model}", "data=shapes_det", f"data.image_size={sizes.detector_size}",
+                     f"data.batch_size={batch}", f"data.train_size={(warmup + timed) * batch}",
+                     f"data.val_size={batch}", f"data.num_workers={sizes.workers}",
+                     f"trainer.accelerator={sizes.device}", f"trainer.precision={sizes.precision}",
+                     f"trainer.max_steps={warmup + timed}", "trainer.num_sanity_val_steps=0"]
+        measured, run, seconds, code = timed_train(model, overrides, work, warmup, timed)
+        if measured is None:
+            checks.append(failed_run(name, "img/s", "", seconds, code, work / f"{model}.log"))
+            continue
+        checks.append(Check(name, measured["images"] / measured["seconds"], "img/s", seconds=seconds,
+                            note=f"batch {batch}, {measured['steps']} batches after {warmup} warm-up; between steps "
+                                 f"(loading, hooks) {measured['between'] / measured['seconds']:.0%} of the window; "
+                                 f"run {run}"))
+    return checks
+
+
+def lightning_duration(seconds: int) -> str:
+    """``trainer.max_time``'s "DD:HH:MM:SS"."""
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours // 24:02d}:{hours % 24:02d}:{minutes:02d}:{seconds:02d}"
+
+
+def check_stylegan2(sizes: Sizes, work: Path) -> list[Check]:
+    """Issue 16: stylegan2 trained for ``sizes.gan_budget_s`` on shapes drawn at ``sizes.gan_size``: its images/s
+    (validations left out) and the best checkpoint's test FID (cvlab features), also as a ratio to the untrained
+    generator's."""
+    name = f"stylegan2 {sizes.gan_size}px shapes"
+    overrides = ["model=stylegan2", "data=shapes", f"data.image_size={sizes.gan_size}",
+                 f"data.train_size={sizes.gan_train_size}", f"data.batch_size={sizes.gan_batch_size}",
+                 f"data.num_workers={sizes.workers}", f"trainer.accelerator={sizes.device}",
+                 f"trainer.max_time={lightning_duration(sizes.gan_budget_s)}", "trainer.num_sanity_val_steps=0",
+                 *sizes.gan_overrides]
+    measured, run, seconds, code = timed_train("stylegan2", overrides, work, sizes.gan_warmup, None)
+    metrics = metrics_of(run) if measured is not None else None
+    if metrics is None:
+        return [failed_run(f"{name}: training images/s", "img/s", "", seconds, code, work / "stylegan2.log")]
+    return [
+        Check(f"{name}: training images/s", measured["images"] / measured["seconds"], "img/s", seconds=seconds,
+              note=f"batch {sizes.gan_batch_size}, fp32, {measured['steps']} batches after {sizes.gan_warmup} "
+                   f"warm-up, validations left out; trained {metrics.get('train_time_s')} s ({metrics.get('epochs')} "
+                   f"epochs; budget {sizes.gan_budget_s} s)"),
+        Check(f"{name}: test FID (cvlab features)", metrics.get("test/fid_cvlab"), "",
+              note=f"best checkpoint on val FID; the untrained generator's val FID "
+                   f"{metrics.get('untrained/fid_cvlab', float('nan')):.2f}; run {run}"),
+        Check(f"{name}: test FID / untrained FID", metrics.get("test/fid_cvlab_to_untrained"), "",
+              note=f"issue 16's bar on digits32, CPU, 15 min: <= 0.25; `cvlab train {' '.join(overrides)}`"),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- report
 def peak_of(device_name: str) -> float | None:
     for name, peak in BF16_PEAK_TFLOPS.items():
@@ -361,15 +502,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Parts: resnet50 throughput (cvlab vs plain PyTorch, MFU), yolov3 "
                                             "mAP@0.5 on shapes_det, DDP smoke test (more than one GPU), BiSeNet bf16 "
-                                            "images/s at 1024x2048.")
+                                            "images/s at 1024x2048, yolov5s and yolov7 bf16 training images/s at 640 "
+                                            "px, stylegan2 at 64 px for 2 minutes (images/s, FID).")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"),
                         help="the json written (default: %(default)s)")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the runs and their logs (default: runs/gpu_check/<time>)")
     parser.add_argument("--dry-run", action="store_true",
                         help="every part on the CPU at tiny sizes, to check the script (numbers not judged)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "yolov3", "ddp", "bisenet"],
-                        help="parts to skip")
+    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip",
+                        choices=["resnet50", "yolov3", "ddp", "bisenet", "yolo_speed", "stylegan2"])
     parser.add_argument("--batch-size", type=int, default=None, help="resnet50 batch size (default 256)")
     parser.add_argument("--steps", type=int, default=None, help="timed resnet50 steps (default 60, after 15 warm-up)")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default 8)")
@@ -407,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(check_ddp(sizes, work))
     if "bisenet" not in args.skip:
         checks += check_bisenet(sizes)
+    if "yolo_speed" not in args.skip:
+        checks += check_yolo_speed(sizes, work)
+    if "stylegan2" not in args.skip:
+        checks += check_stylegan2(sizes, work)
     total = time.perf_counter() - started
 
     title = f"cvlab gpu_check on {device_name} ({gpus} GPU(s)), {total:.0f} s"

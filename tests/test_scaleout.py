@@ -398,7 +398,7 @@ def test_gpu_check_dry_run_runs_every_part_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     checks = {check["name"]: check for check in report["checks"]}
-    assert report["dry_run"] is True and len(checks) == 6
+    assert report["dry_run"] is True and len(checks) == 11
     assert checks["bisenet bf16 64x128: images/s"]["value"] > 0
     plain = checks["resnet50 bf16 224px: plain PyTorch loop"]
     cvlab = checks["resnet50 bf16 224px: cvlab train"]
@@ -410,4 +410,21 @@ def test_gpu_check_dry_run_runs_every_part_end_to_end(tmp_path):
     ddp = checks["DDP smoke: one run dir, one metrics.json"]
     assert ddp["passed"] is True, ddp["note"]
     assert all(check["passed"] is None for name, check in checks.items() if name != ddp["name"])  # not judged
-    assert "resnet50 throughput ratio" in result.stdout  # the table
+    assert "resnet50 throughput ratio" in result.stdout and "stylegan2 32px shapes" in result.stdout  # the table
+    # The step timer counts batches after the warm-up: 2 timed of batch 4 (resnet50), of batch 2 (each YOLO); the GAN
+    # (two optimizer steps a batch) all 2 x 2 batches of its 2 epochs after the 1 warm-up, its validations paused.
+    timed = {name: json.loads((tmp_path / "work" / f"{name}_steps.json").read_text())
+             for name in ("resnet50", "yolov5s", "yolov7", "stylegan2")}
+    assert {name: (t["steps"], t["images"]) for name, t in timed.items()} == {
+        "resnet50": (2, 8), "yolov5s": (2, 4), "yolov7": (2, 4), "stylegan2": (3, 12)}
+    for model in ("yolov5s", "yolov7"):
+        speed = checks[f"{model} bf16 64px shapes_det: cvlab train"]
+        assert speed["value"] == pytest.approx(timed[model]["images"] / timed[model]["seconds"])
+        assert "between steps" in speed["note"]
+    assert checks["stylegan2 32px shapes: training images/s"]["value"] == pytest.approx(
+        timed["stylegan2"]["images"] / timed["stylegan2"]["seconds"])
+    (gan_metrics,) = (tmp_path / "work" / "runs_stylegan2").rglob("metrics.json")
+    gan = json.loads(gan_metrics.read_text())
+    assert checks["stylegan2 32px shapes: test FID (cvlab features)"]["value"] == gan["test/fid_cvlab"] > 0
+    assert checks["stylegan2 32px shapes: test FID / untrained FID"]["value"] == pytest.approx(
+        gan["test/fid_cvlab"] / gan["untrained/fid_cvlab"])
