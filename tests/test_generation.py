@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,21 @@ def test_a_progressive_model_grows_by_the_images_it_has_seen(tmp_path):
     assert task.model.current_resolution == 8 and task.grid_images().shape[-1] == 16
 
 
+def test_no_epoch_of_a_growing_model_becomes_the_best_checkpoint(tmp_path):
+    # 8 px (phases 4, 8), 64 images a phase, 48 an epoch: epoch 0 at 4x4, epoch 1 fading in (alpha 0.5 at its last
+    # batch), epochs 2 and 3 fully grown.
+    out = tmp_path / "run"
+    run_train(gan_cfg(out, "trainer.max_epochs=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                      progressive=True, kimg_per_phase=0.064))
+    rows = read_csv(out / "results.csv")
+    monitor = [float(row["val/fid_cvlab"]) for row in rows]
+    assert [math.isnan(value) for value in monitor] == [True, True, False, False]
+    growing = [float(row["val/fid_cvlab_growing"]) for row in rows]
+    assert all(value > 0 for value in growing[:2]) and all(math.isnan(value) for value in growing[2:])
+    best = torch.load(out / "weights" / "best.ckpt", weights_only=False)
+    assert best["epoch"] == 2 + monitor[2:].index(min(monitor[2:]))
+
+
 def test_a_conditional_model_gets_the_batch_labels(tmp_path):
     class Labels(pl.Callback):
         seen: list = []
@@ -380,10 +396,11 @@ def test_tiny_gan_keeps_the_contract():
 
 # ------------------------------------------------------------------------------------------------ the zoo's GANs
 # Narrow, shallow versions of the three, so that a few steps at 8 px cost seconds.
+# Progressive ones grow fully within their first 24 images (16 at 4x4, 8 fading in), so best.ckpt can exist.
 SMALL_GANS = {
-    "progan": ["model.latent_dim=16", "model.fmap_base=64", "model.fmap_max=16", "model.kimg_per_phase=1"],
+    "progan": ["model.latent_dim=16", "model.fmap_base=64", "model.fmap_max=16", "model.kimg_per_phase=0.016"],
     "stylegan": ["model.latent_dim=16", "model.w_dim=16", "model.mapping_layers=2", "model.fmap_base=64",
-                 "model.fmap_max=16", "model.kimg_per_phase=1"],
+                 "model.fmap_max=16", "model.kimg_per_phase=0.016"],
     "stylegan2": ["model.latent_dim=16", "model.w_dim=16", "model.mapping_layers=2", "model.fmap_base=64",
                   "model.fmap_max=16"],
 }

@@ -17,9 +17,10 @@ buffers (the tracked average w, the phase of growth) are copied.
 
 Evaluation (:mod:`cvlab.metrics.generation`): every real image of the split against as many EMA samples of fixed
 latents (and, when conditional, the real batch's labels). Validation logs ``val/fid_cvlab``, FID on cvlab features,
-the checkpoint monitor (lowest best); before the first step, the untrained generator's val FID
-(``untrained/fid_cvlab`` in metrics.json, with the test FID's ratio to it); test also KID, precision and recall
-(k = 3) and, given
+the checkpoint monitor (lowest best; NaN, and the score in ``val/fid_cvlab_growing``, while a progressive
+model grows or fades in, so best.ckpt is a fully grown generator); before the first step, the untrained
+generator's val FID (``untrained/fid_cvlab`` in metrics.json, with the test FID's ratio to it); test also KID,
+precision and recall (k = 3) and, given
 ``metrics.inception_weights``, the same on torchmetrics' Inception (``*_inception``). The cvlab feature network is
 a zoo classifier (``metrics.feature_model``) trained for ``metrics.feature_epochs`` on the training split when first
 needed, cached under ``$CVLAB_CACHE/features`` by every data setting that changes it; it lives outside the module
@@ -485,7 +486,16 @@ class GenerationTask(BaseTask):
             figures.update({f"{measure}_{features}": value for measure, value in scores.compute().items()})
             scores.reset()
         self.quality[split] = figures
-        self.log_dict({f"{split}/{key}": value for key, value in figures.items()}, prog_bar=split == "val")
+        logged = {f"{split}/{key}": value for key, value in figures.items()}
+        if self.trainer.state.fn == "fit" and getattr(self.model, "progressive", False):
+            # A growing generator's images are a smaller one's, upsampled: on data as smooth as digits32 they can
+            # score better than the finished generator ever does, so no such epoch may become best.ckpt. While it
+            # grows the monitor is NaN (never ranked best) and the score goes to *_growing (NaN once grown).
+            nan = float("nan")
+            grown = getattr(self.model, "fully_grown", True)
+            logged = {**{key: value if grown else nan for key, value in logged.items()},
+                      **{f"{key}_growing": nan if grown else value for key, value in logged.items()}}
+        self.log_dict(logged, prog_bar=split == "val")
 
     # ------------------------------------------------------------------------------------------ report
     def report(self, out: Path) -> dict:

@@ -103,6 +103,13 @@ class GAN(nn.Module):
     def current_resolution(self) -> int:
         return self._progress.current_resolution if self.progressive else self.image_size
 
+    @property
+    def fully_grown(self) -> bool:
+        """Whether the generator draws at its full resolution with no block fading in (always, when not
+        progressive): only then are its images, and their scores, those of the finished architecture."""
+        progress = self._progress if self.progressive else None
+        return progress is None or (progress.phase == self.num_phases - 1 and not progress.fading)
+
     def set_progress(self, phase: int, alpha: float = 1.0) -> None:
         """Grow both networks to ``phase`` (0 = 4×4) with the newest block faded in by ``alpha`` in [0, 1]."""
         for module in self._progress_modules(self.generator, self.discriminator):
