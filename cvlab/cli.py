@@ -60,15 +60,21 @@ def _models_of(task: str) -> list[str]:
 
 
 def complete_task(overrides: list[str], announce: bool = False) -> list[str]:
-    """`model=yolov3` alone selects the detection task and its default data; explicit task=/data= win. With
+    """`model=yolov3` alone selects the detection task and its default data; explicit task=/data= win. A task=
+    without model= takes the task's ``default_model`` where its yaml names one (task=anomaly: the autoencoder). With
     ``announce``, what was filled in is printed as one line; a model of another task than task= is refused."""
     from cvlab.utils import config
     from cvlab.utils.console import console, fail
 
     model = _choice(overrides, "model")
+    given = f"model={model}"
+    extra = []
+    if model is None:
+        chosen = _choice(overrides, "task")
+        model = config.read_option("task", chosen).get("default_model") if chosen in config.options("task") else None
+        given, extra = f"task={chosen}", [f"model={model}"] if model else []
     if model is None or "," in model or model not in config.options("model"):
         return overrides
-    extra = []
     model_task = config.read_option("model", model).get("task", "classification")
     task = _choice(overrides, "task")
     if task is None:
@@ -82,7 +88,7 @@ def complete_task(overrides: list[str], announce: bool = False) -> list[str]:
     if task in config.options("task"):
         extra += _leave_out_unused_groups(overrides, task)
     if extra and announce:
-        console.print(f"model={model}: {' '.join(extra)} (give task=/data= to choose otherwise)", style="dim",
+        console.print(f"{given}: {' '.join(extra)} (give task=/data= to choose otherwise)", style="dim",
                       highlight=False)
     return extra + overrides
 

@@ -160,6 +160,7 @@ def _alternative(option: str, key: str, value, roots: dict[str, Path]):
         "pairing_start": lambda: 0, "pairing_on": lambda: 3, "pairing_off": lambda: 1, "pairing_stop": lambda: 5,
         "imbalance_ratio": lambda: 10.0 if value is None else value * 2,
         "imbalance_profile": lambda: "step" if value != "step" else "exp",
+        "normal_classes": lambda: [0] if value is None else None,
     }
     assert key in table, f"data key {key!r} has no alternative value in this test: add one"
     return table[key]()
@@ -289,8 +290,13 @@ def _model_alternative(model: str, key: str, value):
              "use_noise": not value, "instance_norm": not value, "const_input": not value, "blur": not value,
              "r1_gamma": 1.0, "r1_interval": 4, "demodulate": not value, "g_architecture": "orig",
              "d_architecture": "orig", "pl_weight": 0.0, "pl_decay": 0.02, "pl_interval": 8, "pl_batch_shrink": 1,
-             "backbone_args": {"stem": "small"}, "warp_size": 48, "context": 8,
-             "proposals": {"method": "selective_search", "mode": "quality", "max_proposals": 500}}
+             "backbone_args": {"stem": "small" if isinstance(value, dict) and value.get("stem") == "standard"
+                               else "standard"},
+             "warp_size": 48, "context": 8,
+             "proposals": {"method": "selective_search", "mode": "quality", "max_proposals": 500},
+             # the anomaly detectors' (autoencoder, isolation_forest, one_class_svm)
+             "widths": [16, 32], "n_estimators": 50, "max_samples": 64, "max_features": 0.5,
+             "kernel": "linear", "nu": 0.1, "gamma": 0.01}
     assert key in table, f"model key {key!r} has no alternative value in this test: add one"
     assert table[key] != value, (model, key)
     return table[key]
@@ -316,7 +322,7 @@ def _as_data(value):
 def _build(model_cfg: dict, values: bool) -> tuple:
     """(structure, attributes, parameter count, buffer shapes[, weights and buffers]) of the model the task would
     build."""
-    data = {"num_classes": 5, "image_size": 64}
+    data = {"num_classes": 5, "image_size": 64} if model_cfg.get("task") != "anomaly" else {"image_size": 64}
     if model_cfg.get("task") == "classification":
         data["in_chans"] = 3
     layers = ({"name": "default"}, {"name": "default"}, {"name": "none"}, {"name": "default"})
@@ -337,7 +343,8 @@ def _build(model_cfg: dict, values: bool) -> tuple:
 # The smallest model of each family; the others share their family's keys (checked below) and walk in the slow run.
 FAMILY_REPRESENTATIVES = ("darknet19", "mobilenetv3_small", "resnet18", "vit_tiny", "yolov1_tiny", "yolov2_tiny",
                           "yolov3_tiny", "yolov4_tiny", "yolov4", "yolov5n", "yolov6n", "yolov7_tiny", "unet",
-                          "bisenet", "danet", "progan", "stylegan", "stylegan2", "rcnn", "fast_rcnn", "faster_rcnn")
+                          "bisenet", "danet", "progan", "stylegan", "stylegan2", "rcnn", "fast_rcnn", "faster_rcnn",
+                          "autoencoder", "isolation_forest", "one_class_svm")
 
 
 def _model_keys(model: str) -> set[str]:

@@ -12,28 +12,32 @@ sees exactly the batches an uninterrupted one would.
 
 Class imbalance (:mod:`cvlab.data.imbalance`): ``data.imbalance_ratio`` thins the training split to a long tail
 (the validation and test splits stay the source's), and the imbalanced-learn samplers (``sampler=smote``...)
-replace the training set by its resampled view when the data is read. Two-image augmentation (mixup, CutMix,
-SamplePairing: :mod:`cvlab.data.mixing`) wraps the training set.
+replace the training set by its resampled view when the data is read; ``data.normal_classes`` keeps only those
+classes' training images (task=anomaly). Two-image augmentation (mixup, CutMix, SamplePairing:
+:mod:`cvlab.data.mixing`) wraps the training set.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from cvlab.data.base import IMAGE_EXTENSIONS, DataInfo, SplitDataModule, cut_note, cut_splits
 from cvlab.data.imbalance import (
     Resampler,
     check_imbalance,
+    check_normal_classes,
     check_resampling,
     is_resampler,
     long_tail_indices,
+    normal_labels,
     pixel_budget,
 )
 from cvlab.data.mixing import CutMixImages, MixupImages, SamplePairingImages
@@ -396,7 +400,10 @@ class ClassificationDataModule(SplitDataModule):
     and ``info.class_counts`` are the view's. A ``sampler`` that resamples (imbalanced-learn's, a
     :class:`~cvlab.data.imbalance.Resampler`) makes ``train_set`` the resampled set when the data is read, from the
     run's seed (:meth:`seed_order`), with ``resampled_labels`` its labels; the loader then shuffles it uniformly.
-    The counts the losses see stay those of the data, before resampling.
+    The counts the losses see stay those of the data, before resampling. ``normal_classes`` (a class index or name,
+    or a list of them; None: off) keeps only those classes' training images, after the long tail, for
+    ``task=anomaly``; ``normal_labels`` are their labels (sorted; None when off), and the validation and test splits
+    keep every class.
 
     Augmentation of the training split: ``augment`` (a random crop, and a flip for sources whose images may be
     mirrored) with, on top, ``rotate`` (degrees), ``color_jitter`` (brightness, contrast, saturation; hue a
@@ -442,12 +449,14 @@ class ClassificationDataModule(SplitDataModule):
         pairing_on: int = 8,
         pairing_off: int = 2,
         pairing_stop: int | None = None,
+        normal_classes: int | str | Sequence[int | str] | None = None,
     ):
         if in_chans is None:  # before save_hyperparameters, which records it
             in_chans = _CHANNELS.get(source, (3,))[0]
         _check_arguments(source, name or source, root, image_size, in_chans, num_classes, batch_size, num_workers,
                          (train_size, val_size, test_size), max_image_pixels)
         check_imbalance(imbalance_ratio, imbalance_profile)
+        check_normal_classes(normal_classes)
         _check_augmentation(augment, rotate, color_jitter, noise, erasing, mixup_alpha, cutmix_alpha, sample_pairing,
                             (pairing_start, pairing_on, pairing_off, pairing_stop))
         sampler = plain_config(sampler)  # before save_hyperparameters: checkpoints hold plain python only
@@ -461,6 +470,7 @@ class ClassificationDataModule(SplitDataModule):
             self.resampling, self.sampler_config = self.sampler_config, None
         self.train_labels: list[int] = []
         self.resampled_labels: list[int] | None = None
+        self.normal_labels: list[int] | None = None
         self.class_names: list[str] = []
         self.problems: list[str] = []
 
@@ -474,6 +484,8 @@ class ClassificationDataModule(SplitDataModule):
         self.check_num_classes(hp.name or hp.source, hp.num_classes, split.class_names)
         if hp.imbalance_ratio is not None:
             self._long_tail(split)
+        if hp.normal_classes is not None:
+            self._normal_only(split)
         mean, std = _STATS.get(hp.source, ((0.5,) * hp.in_chans, (0.25,) * hp.in_chans))
         evaluation = self._transform(train=False, mean=mean, std=std)
         self.train_labels, self.class_names, self.problems = split.train_labels, split.class_names, split.problems
@@ -496,6 +508,18 @@ class ClassificationDataModule(SplitDataModule):
             split.files["train"] = [split.files["train"][i] for i in kept]
         split.note += (f"; long-tailed training view, {hp.imbalance_profile} profile, ρ = {hp.imbalance_ratio:g}: "
                        f"{', '.join(map(str, counts))} images per class, seed {hp.seed}")
+
+    def _normal_only(self, split: Split) -> None:
+        """Keeps the training images of the normal classes (in place), with their files."""
+        self.normal_labels = normal_labels(self.hparams.normal_classes, split.class_names)
+        kept = [i for i, label in enumerate(split.train_labels) if label in self.normal_labels]
+        split.train = Subset(split.train, kept)
+        split.train_labels = [split.train_labels[i] for i in kept]
+        if split.files.get("train"):
+            split.files["train"] = [split.files["train"][i] for i in kept]
+        names = ", ".join(split.class_names[label] for label in self.normal_labels)
+        split.note += (f"; normal classes {names} (data.normal_classes): the training split keeps their {len(kept)} "
+                       "images, val and test keep every class")
 
     def _resampled(self, train: Dataset) -> Dataset:
         """The training images resampled by the imbalanced-learn sampler (:class:`Resampler`)."""
@@ -540,6 +564,11 @@ class ClassificationDataModule(SplitDataModule):
         if train and hp.augment and hp.erasing:
             steps.append(v2.RandomErasing(hp.erasing))  # after Normalize: erased pixels read 0, the mean
         return v2.Compose(steps)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training images through the evaluation transform (no augmentation), in order, batched as evaluation
+        is: what a model fits an estimator without gradients to (task=anomaly's isolation_forest, one_class_svm)."""
+        return self._evaluation_loader(TransformedDataset(self.train_set.base, self.val_set.transform))
 
     def training_view(self) -> tuple[Dataset, bool]:
         """The training set, wrapped by the chosen two-image augmentation (asked for ``(epoch, index)`` keys)."""

@@ -12,6 +12,11 @@ training split, a seeded random ``n_i`` of its images:
 balanced source it is the per-class count). Only the training split is thinned: the validation and test splits stay
 those of the source, so on a balanced source the test accuracy is the balanced accuracy.
 
+**Normal-class views** (``data.normal_classes``, for ``task=anomaly``): the extreme of imbalance, where the other
+classes have no training image at all. The training split keeps the images of the named classes (indices or class
+names, :func:`normal_labels`); the validation and test splits keep every class, and the task scores the other
+classes as anomalies.
+
 **Resampling** (``sampler=random_under|random_over|nearmiss|enn|smote|smote_enn``): imbalanced-learn selects or
 synthesises; nothing of it is rewritten here. :class:`Resampler` runs one of its samplers once, when the data is
 read, and the training set becomes the resampled set (a view: :meth:`Resampler.view`), which the loader then
@@ -114,6 +119,43 @@ def long_tail_indices(labels: Sequence[int], num_classes: int, ratio: float, pro
     rng = np.random.default_rng(seed)
     kept = [rng.permutation(np.flatnonzero(labels == label))[:count] for label, count in enumerate(counts)]
     return np.sort(np.concatenate(kept)), counts
+
+
+# ------------------------------------------------------------------------------------------------- normal classes
+def check_normal_classes(normal_classes: Any) -> None:
+    """``data.normal_classes`` has the form of a class or a list of them (an index or a class name each), or is null;
+    whether the data has those classes is checked when it is read (:func:`normal_labels`)."""
+    if normal_classes is None:
+        return
+    given = normal_classes if isinstance(normal_classes, (list, tuple)) else [normal_classes]
+    if not given or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in given):
+        raise UserError(f"data.normal_classes is a class (an index or a name) or a list of them, e.g. "
+                        f"data.normal_classes=[0]; got {normal_classes!r}.")
+
+
+def normal_labels(normal_classes: Any, class_names: Sequence[str]) -> list[int]:
+    """The sorted labels that ``data.normal_classes`` names: each item an index ``0..C-1`` or a class name. A
+    UserError names a class the data lacks (with the close names), and refuses naming every class, which would leave
+    nothing to be an anomaly."""
+    check_normal_classes(normal_classes)
+    names = [str(name) for name in class_names]
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    labels = set()
+    for item in normal_classes if isinstance(normal_classes, (list, tuple)) else [normal_classes]:
+        if isinstance(item, int):
+            if not 0 <= item < len(names):
+                raise UserError(f"data.normal_classes: there is no class {item}; the data's {len(names)} classes are "
+                                f"0..{len(names) - 1} ({shown}).")
+            labels.add(item)
+        elif item in names:
+            labels.add(names.index(item))
+        else:
+            raise UserError(f"data.normal_classes: the data has no class named {item!r}.{suggest(item, names)} Give "
+                            f"class indices 0..{len(names) - 1} or names ({shown}).")
+    if len(labels) == len(names):
+        raise UserError(f"data.normal_classes names all {len(names)} classes, so no class is left to be an anomaly; "
+                        "name fewer, e.g. data.normal_classes=[0].")
+    return sorted(labels)
 
 
 # ------------------------------------------------------------------------------------------------- resampling

@@ -4,7 +4,7 @@ import pkgutil
 
 from cvlab.models._registry import create_model, list_models, model_task, register_model
 
-_FAMILIES = ("backbones", "necks", "heads", "detectors", "segmentors", "generators")
+_FAMILIES = ("backbones", "necks", "heads", "detectors", "segmentors", "generators", "anomaly")
 
 for _family in _FAMILIES:
     _package = importlib.import_module(f"{__name__}.{_family}")

@@ -92,6 +92,25 @@ def plot_pr_curves(curves: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_roc_curves(curves: dict[str, dict], path: Path, title: str = "ROC curve") -> None:
+    """True-positive against false-positive rate, one line per entry (``{"val": {"fpr", "tpr", "auroc"}}``), each
+    labelled with its AUROC, over the diagonal of a score that knows nothing."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, curve in curves.items():
+        ax.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUROC {curve['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="chance")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_mask_overlays(rows: list[tuple[np.ndarray, ...]], class_names: list[str], palette: list[tuple[int, int, int]],
                        path: Path, titles: tuple[str, ...] = ("image", "truth", "prediction")) -> None:
     """One row of panels per image (uint8 ``H x W x 3`` arrays: the image, then its masks drawn over it), titled
