@@ -483,7 +483,8 @@ def test_image_size_is_the_one_spelling():
 def test_embedded_configs_give_their_info(name, num_classes, in_chans, image_size):
     config = _option("data", name)
     config.pop("_target_")
-    config.pop("seed")  # ${seed}: the run's seed, interpolated when the config is composed
+    for key in [key for key, value in config.items() if str(value).startswith("${")]:
+        config.pop(key)  # ${seed}, ${oc.select:task....}: the run's and task's values, filled in when composed
     if name != "digits":
         config.update(train_size=5, val_size=2, test_size=2)  # keep the generated sets tiny
     info = ClassificationDataModule(**config).info
