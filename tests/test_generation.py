@@ -169,6 +169,16 @@ def test_the_report_gives_the_untrained_generators_fid_as_the_yardstick(trained,
         json.loads((tmp_path / "frozen" / "metrics.json").read_text())["untrained/fid_cvlab"], rel=1e-5)
 
 
+def test_fid_falls_as_the_gan_trains(tmp_path):
+    # The sanity check of the measure on a real training: the tiny GAN, 6 epochs of 20 batches on digits.
+    out = tmp_path / "run"
+    metrics, _ = run_train(gan_cfg(out, "trainer.max_epochs=6", "trainer.limit_train_batches=20"))
+    untrained = json.loads((out / "metrics.json").read_text())["untrained/fid_cvlab"]
+    fids = [float(row["val/fid_cvlab"]) for row in read_csv(out / "results.csv")]
+    # Measured: untrained 134.4; val 85.2, 77.5, 80.2, 52.4, 27.6, 17.3 by epoch; test 30.3.
+    assert fids[-1] < fids[0] < untrained and metrics["test/fid_cvlab"] < 0.5 * untrained, (untrained, fids)
+
+
 def test_the_blob_statistic_reads_each_synthesis_convolution_of_a_style_model(tmp_path, trained):
     assert "feature_map_peaks" not in json.loads((trained[0] / "metrics.json").read_text())  # tiny_gan names none
     cfg = compose("train", [*GENERATION, "model=stylegan2", "model.latent_dim=16", "model.w_dim=16",
