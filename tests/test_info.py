@@ -44,3 +44,26 @@ def test_attention_flops_are_counted_on_the_cpu():
     _, flops, _ = describe_model(Attention(), in_chans=8, image_size=4)
     tokens, heads, head_dim = 16, 2, 4
     assert flops == 2 * (2 * heads * tokens * tokens * head_dim)  # Q·Kᵀ and A·V, one multiply-add = 2
+
+
+def test_info_on_a_gan_counts_one_generated_image_and_one_discriminator_score():
+    """A GAN has no forward: info runs its generator on one latent and its discriminator on one image, a row each
+    (StyleGAN2 hands its modulated weights on as inputs, which the counter's gradient hooks once tripped over)."""
+    import torch
+
+    from cvlab.engine.profiling import describe_model
+    from cvlab.models import create_model
+
+    for name in ("progan", "stylegan2"):
+        options = {"w_dim": 16} if name == "stylegan2" else {}
+        model = create_model(name, image_size=8, in_chans=1, num_classes=10, latent_dim=16, fmap_base=32,
+                             fmap_max=16, **options)
+        params, flops, rows = describe_model(model, in_chans=1, image_size=8)
+        assert [row[0] for row in rows] == ["generator", "discriminator"] and rows[0][2] == "1x8x8"
+        assert params == sum(row[1] for row in rows) == sum(p.numel() for p in model.parameters())
+        assert flops == rows[0][3] + rows[1][3] and min(rows[0][3], rows[1][3]) > 0
+        generator_only = torch.utils.flop_counter.FlopCounterMode(display=False)
+        with torch.no_grad(), generator_only:
+            model.generator.requires_grad_(False)(model.sample_latents(1, device="cpu"))
+        assert rows[0][3] == generator_only.get_total_flops()
+        assert all(p.requires_grad for p in model.discriminator.parameters())  # left as it was

@@ -22,10 +22,16 @@ def shape_of(output) -> str:
     return type(output).__name__
 
 
+def _is_gan(model: nn.Module) -> bool:
+    """A generation model (cvlab.models.generators): a generator and a discriminator, latents, no forward."""
+    return hasattr(model, "generator") and hasattr(model, "discriminator") and hasattr(model, "sample_latents")
+
+
 def describe_model(model: nn.Module, in_chans: int,
                    image_size: int | tuple[int, int]) -> tuple[int, int, list[tuple[str, int, str, int]]]:
     """Returns (params, flops, rows of (stage, params, output shape, flops)) for one image in eval mode, of side
-    ``image_size`` or of ``(height, width)``."""
+    ``image_size`` or of ``(height, width)``; for a GAN, one generated image (from one latent) and one
+    discriminator score, a row each."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -51,10 +57,22 @@ def describe_model(model: nn.Module, in_chans: int,
         handles += [child.register_forward_pre_hook(before(name)), child.register_forward_hook(after(name))]
     # The counter has no formula for the CPU's fused attention kernel (it would count a ViT's attention as 0);
     # the math backend runs the same attention as matmuls it counts.
+    image = torch.zeros(1, in_chans, *((image_size, image_size) if isinstance(image_size, int) else image_size))
+    # The counter's module tracker hooks the gradients of every module input that requires one; a parameter handed
+    # on as an input (StyleGAN2's modulated weights) has none to hook under no_grad, so none may require it here.
+    wanted = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(torch.zeros(1, in_chans, *((image_size, image_size) if isinstance(image_size, int) else image_size)))
+        if _is_gan(model):  # no forward of its own: the generator draws one image, the discriminator scores one
+            labels = torch.zeros(1, dtype=torch.long) if model.conditional else None
+            model.generator(model.sample_latents(1, device="cpu"), labels)
+            model.discriminator(image, labels)
+        else:
+            model(image)
     for handle in handles:
         handle.remove()
+    for name, p in model.named_parameters():
+        p.requires_grad_(wanted[name])
     rows = [
         (name, sum(p.numel() for p in child.parameters()), shapes.get(name, "-"), int(flops.get(name, 0)))
         for name, child in model.named_children()
