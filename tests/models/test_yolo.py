@@ -18,6 +18,7 @@ from cvlab.ops.postprocess import DetectionPostprocess, decode_anchor_boxes, dec
 from cvlab.utils.config import compose, read_option
 from cvlab.utils.errors import UserError
 from cvlab.utils.plugins import instantiate_plugin
+from detector_checks import sample_targets, train_steps, two_scenes
 from fixtures import yolo_reference
 
 torch.set_num_threads(1)
@@ -49,13 +50,6 @@ def count(model: nn.Module, kind: type) -> int:
 
 def tiny(name: str, **kw) -> nn.Module:
     return create_model(name, num_classes=3, image_size=TINY_SIZE.get(name, 64), width=0.125, **kw)
-
-
-def sample_targets():
-    return [
-        dict(boxes=torch.tensor([[5.0, 6.0, 40.0, 50.0], [20.0, 20.0, 30.0, 28.0]]), labels=torch.tensor([0, 2])),
-        dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
-    ]
 
 
 def test_registered_as_detectors():
@@ -556,23 +550,10 @@ def test_objects_without_area_are_skipped_and_empty_images_only_have_noobj():
 
 
 def test_yolov3_tiny_overfits_two_images():
-    torch.manual_seed(0)
-    images = torch.full((2, 3, 64, 64), 0.1)
-    boxes = [torch.tensor([[8.0, 10.0, 30.0, 40.0]]), torch.tensor([[30.0, 4.0, 58.0, 22.0], [6.0, 36.0, 26.0, 60.0]])]
-    for image, image_boxes in zip(images, boxes):
-        for x0, y0, x1, y1 in image_boxes.long().tolist():
-            image[:, y0:y1, x0:x1] = torch.tensor([0.9, 0.5, 0.2])[:, None, None]
-    targets = [dict(boxes=b, labels=torch.zeros(len(b), dtype=torch.long)) for b in boxes]
+    images, boxes, targets = two_scenes(num_classes=1)
 
     model = create_model("yolov3_tiny", num_classes=1, image_size=64, width=0.25).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    history = []
-    for _ in range(80):
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = train_steps(model, images, targets, 80)
     assert history[0] / history[-1] > 5
 
     model.eval()

@@ -24,7 +24,14 @@ from cvlab.ops.postprocess import decode_anchor_boxes
 from cvlab.tasks.anchors import model_anchors
 from cvlab.utils.config import read_option
 from cvlab.utils.errors import UserError
-from detector_checks import assert_detection_contract, assert_losses_reach_every_parameter
+from detector_checks import (
+    assert_detection_contract,
+    assert_losses_reach_every_parameter,
+    randomise_batch_norms,
+    sample_targets,
+    train_steps,
+    two_scenes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,25 +59,6 @@ def n_params(model: nn.Module) -> int:
 
 def tiny(name: str = "yolov5n", **kw) -> nn.Module:
     return create_model(name, num_classes=3, image_size=64, width=0.5, **kw)
-
-
-def sample_targets():
-    return [
-        dict(boxes=torch.tensor([[5.0, 6.0, 40.0, 50.0], [20.0, 20.0, 30.0, 28.0]]), labels=torch.tensor([0, 2])),
-        dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
-    ]
-
-
-def randomise_batch_norms(model: nn.Module) -> None:
-    """Running statistics and affine parameters far from their defaults, so a wrong fold shows."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            shape = module.running_mean.shape
-            module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.3)
-            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(shape, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(shape, generator=generator) * 0.2)
 
 
 # ------------------------------------------------------------------------------------------------- counts
@@ -383,23 +371,10 @@ def test_gains_scale_with_classes_and_input_size_and_a_single_class_has_no_class
 
 
 def test_yolov5n_overfits_two_images():
-    torch.manual_seed(0)
-    images = torch.full((2, 3, 64, 64), 0.1)
-    boxes = [torch.tensor([[8.0, 10.0, 30.0, 40.0]]), torch.tensor([[30.0, 4.0, 58.0, 22.0], [6.0, 36.0, 26.0, 60.0]])]
-    for image, image_boxes in zip(images, boxes):
-        for x0, y0, x1, y1 in image_boxes.long().tolist():
-            image[:, y0:y1, x0:x1] = torch.tensor([0.9, 0.5, 0.2])[:, None, None]
-    targets = [dict(boxes=b, labels=torch.tensor([0] * (len(b) - 1) + [1])) for b in boxes]
+    images, boxes, targets = two_scenes(num_classes=2)
 
     model = create_model("yolov5n", num_classes=2, image_size=64, width=0.5).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    history = []
-    for _ in range(60):
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = train_steps(model, images, targets, 60)
     assert history[0] / history[-1] > 5
 
     model.eval()

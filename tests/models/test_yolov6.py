@@ -24,7 +24,12 @@ from cvlab.models.necks.reppan import BiFusion, UpConcat
 from cvlab.ops.assigners import TaskAlignedAssigner
 from cvlab.utils.config import read_option
 from cvlab.utils.errors import UserError
-from detector_checks import assert_detection_contract, assert_losses_reach_every_parameter
+from detector_checks import (
+    assert_detection_contract,
+    assert_losses_reach_every_parameter,
+    randomise_batch_norms,
+    sample_targets,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,29 +50,10 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def randomise_batch_norms(model: nn.Module) -> None:
-    """Running statistics and affine parameters far from their defaults, so a wrong fold shows."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            shape = module.running_mean.shape
-            module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.3)
-            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(shape, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(shape, generator=generator) * 0.2)
-
-
 def deployed_form(model: nn.Module) -> bool:
     """Whether every RepVGG block holds only its fused conv and no BatchNorm is left."""
     return not any(isinstance(m, nn.BatchNorm2d) or isinstance(m, RepVGGBlock) and hasattr(m, "conv3x3")
                    for m in model.modules())
-
-
-def sample_targets():
-    return [
-        dict(boxes=torch.tensor([[5.0, 6.0, 40.0, 50.0], [20.0, 20.0, 30.0, 28.0]]), labels=torch.tensor([0, 2])),
-        dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
-    ]
 
 
 # ------------------------------------------------------------------------------------------------- counts

@@ -28,7 +28,13 @@ from cvlab.ops.postprocess import decode_anchor_boxes
 from cvlab.tasks.anchors import model_anchors
 from cvlab.utils.config import compose, read_option
 from cvlab.utils.errors import UserError
-from detector_checks import assert_detection_contract, assert_losses_reach_every_parameter
+from detector_checks import (
+    assert_detection_contract,
+    assert_losses_reach_every_parameter,
+    sample_targets,
+    train_steps,
+    two_scenes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,13 +62,6 @@ def count(model: nn.Module, kind: type) -> int:
 
 def small(name: str = "yolov7_tiny", **kw) -> nn.Module:
     return create_model(name, num_classes=3, image_size=64, width=0.25, **kw)
-
-
-def sample_targets():
-    return [
-        dict(boxes=torch.tensor([[5.0, 6.0, 40.0, 50.0], [20.0, 20.0, 30.0, 28.0]]), labels=torch.tensor([0, 2])),
-        dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
-    ]
 
 
 def randomise(model: nn.Module) -> None:
@@ -502,24 +501,11 @@ def test_aux_head_trains_only_and_leaves_the_deploy_form():
 def test_yolov7_tiny_learns_two_images():
     """Two flat images of three rectangles. GroupNorm in place of BatchNorm: on two such images BatchNorm's batch
     statistics tell them apart in training, and its running statistics cannot at eval; this is about the loss."""
-    torch.manual_seed(0)
-    images = torch.full((2, 3, 64, 64), 0.1)
-    boxes = [torch.tensor([[8.0, 10.0, 30.0, 40.0]]), torch.tensor([[30.0, 4.0, 58.0, 22.0], [6.0, 36.0, 26.0, 60.0]])]
-    for image, image_boxes in zip(images, boxes):
-        for x0, y0, x1, y1 in image_boxes.long().tolist():
-            image[:, y0:y1, x0:x1] = torch.tensor([0.9, 0.5, 0.2])[:, None, None]
-    targets = [dict(boxes=b, labels=torch.tensor([0] * (len(b) - 1) + [1])) for b in boxes]
+    images, boxes, targets = two_scenes(num_classes=2)
 
     model = create_model("yolov7_tiny", num_classes=2, image_size=64, width=0.5,
                          norm_layer=lambda chs: nn.GroupNorm(8, chs)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    history = []
-    for _ in range(60):
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = train_steps(model, images, targets, 60)
     # The dynamic k grows as the boxes improve, so the positives' mean losses fall less than YOLOv5's.
     assert history[0] / history[-1] > 2
 
