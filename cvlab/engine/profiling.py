@@ -22,16 +22,11 @@ def shape_of(output) -> str:
     return type(output).__name__
 
 
-def _is_gan(model: nn.Module) -> bool:
-    """A generation model (cvlab.models.generators): a generator and a discriminator, latents, no forward."""
-    return hasattr(model, "generator") and hasattr(model, "discriminator") and hasattr(model, "sample_latents")
-
-
 def describe_model(model: nn.Module, in_chans: int,
                    image_size: int | tuple[int, int]) -> tuple[int, int, list[tuple[str, int, str, int]]]:
     """Returns (params, flops, rows of (stage, params, output shape, flops)) for one image in eval mode, of side
-    ``image_size`` or of ``(height, width)``; for a GAN, one generated image (from one latent) and one
-    discriminator score, a row each."""
+    ``image_size`` or of ``(height, width)``: ``model(image)``, or the model's ``profile_forward(image)`` where it has
+    one (a GAN: one generated image and one discriminator score, a row each)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,12 +58,7 @@ def describe_model(model: nn.Module, in_chans: int,
     wanted = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        if _is_gan(model):  # no forward of its own: the generator draws one image, the discriminator scores one
-            labels = torch.zeros(1, dtype=torch.long) if model.conditional else None
-            model.generator(model.sample_latents(1, device="cpu"), labels)
-            model.discriminator(image, labels)
-        else:
-            model(image)
+        getattr(model, "profile_forward", model)(image)  # a model without a forward of its own (a GAN) names its work
     for handle in handles:
         handle.remove()
     for name, p in model.named_parameters():

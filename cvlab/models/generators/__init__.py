@@ -62,7 +62,8 @@ class GAN(nn.Module):
     - :meth:`sample_latents`, :meth:`generate` (images ``Tensor[n, C, image_size, image_size]`` in [-1, 1]);
     - :meth:`discriminator_loss` and :meth:`generator_loss`: dicts of scalar terms whose sum is the loss of one
       optimiser step; a lazy regulariser appears only on its due steps, already multiplied by its interval;
-    - :meth:`optimizer_settings`: the paper's Adam settings for each network;
+    - :meth:`optimizer_settings`: the paper's Adam settings for each network; :meth:`profile_forward`, the work of
+      one image for ``cvlab info``;
     - progressive growing: ``progressive``, ``num_phases``, :meth:`set_progress`, ``current_resolution``.
 
     Subclasses build the networks and give their loss terms (:meth:`discriminator_terms`, :meth:`generator_terms`)
@@ -121,6 +122,13 @@ class GAN(nn.Module):
         if generator is not self.generator and self.progressive:
             for module in self._progress_modules(generator):
                 module.set_progress(self._progress.phase, self._progress.alpha)
+
+    def profile_forward(self, images: Tensor) -> None:
+        """The work of one image, for ``cvlab info``'s counts (a GAN has no forward): the generator draws one
+        from a latent, the discriminator scores one (``images``: Tensor[1, C, S, S])."""
+        labels = torch.zeros(len(images), dtype=torch.long, device=images.device) if self.conditional else None
+        self.generator(self.sample_latents(len(images), device=images.device), labels)
+        self.discriminator(images, labels)
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample_latents(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
