@@ -178,7 +178,8 @@ def anomaly_cfg(out: Path, *overrides: str):
     return check("train", complete_task([*TINY, *overrides, f"paths.output_dir={out}"])).cfg
 
 
-@pytest.mark.parametrize("model", ["autoencoder", "isolation_forest", "one_class_svm"])
+@pytest.mark.parametrize("model", ["autoencoder", "isolation_forest",
+                                   pytest.param("one_class_svm", marks=pytest.mark.slow)])  # make test-slow
 def test_each_method_runs_end_to_end_and_its_checkpoint_scores_the_same_again(model, tmp_path):
     from cvlab.run.eval import run_eval
 

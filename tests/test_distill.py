@@ -315,6 +315,7 @@ def test_cli_distill_writes_three_stages_and_one_table(distilled):
     assert student(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_rerun_in_the_run_directory_skips_the_finished_stages(distilled, tmp_path):
     _, run, _ = distilled
     killed = tmp_path / "killed"
@@ -356,6 +357,7 @@ def test_a_finished_run_in_its_directory_trains_nothing_and_reports_the_same(dis
     assert metrics == json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_sweep_reuses_a_teacher_checkpoint_and_ranks_temperatures(distilled):
     cwd, run, _ = distilled
     teacher = run / "teacher" / "weights" / "best.ckpt"

@@ -416,7 +416,9 @@ SMALL_GANS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SMALL_GANS))
+# stylegan grows like progan and styles like stylegan2, which make test keeps; make test-slow runs it too
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "stylegan" else name
+                                  for name in sorted(SMALL_GANS)])
 def test_a_zoo_gan_trains_resumes_exactly_and_generates(name, tmp_path):
     """`cvlab train model=NAME` as the CLI composes it (task, data and groups filled in, every override checked),
     two epochs straight against one and a resume; then `cvlab generate` twice with one seed."""

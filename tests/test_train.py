@@ -44,7 +44,7 @@ def test_cli_train_writes_the_whole_run_directory(cli, tmp_path):
     assert f"{metrics['val/acc']:.4f}" in acc_row and f"{metrics['test/acc']:.4f}" in acc_row
 
 
-@pytest.mark.parametrize("split", ["test", "val"])
+@pytest.mark.parametrize("split", ["test", pytest.param("val", marks=pytest.mark.slow)])  # val: make test-slow
 def test_eval_restores_from_checkpoint_alone_and_reproduces_metrics(train_cfg, cli, tmp_path, split):
     # A seed other than the default: eval must cut the same splits from the checkpoint's own data config and seed.
     cfg = train_cfg("trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=null",
@@ -129,6 +129,7 @@ def test_resume_with_more_epochs_replans_the_schedule(train_cfg, tmp_path):
     assert lrs == pytest.approx(planned_for_2 + planned_for_4, abs=1e-9)
 
 
+@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_sweep_prints_and_writes_a_sorted_leaderboard(cli, tmp_path):
     result = cli("sweep", "trainer=debug", "optimizer=sgd,adam", "logger=none", "data.batch_size=16",
                  "~callbacks.progress_bar", "trainer.enable_progress_bar=false")

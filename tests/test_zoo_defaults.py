@@ -143,6 +143,7 @@ def test_vit_configs_start_adamw_at_their_recipes_rate():
     assert digits_config("model=vit_tiny", "optimizer=sgd").optimizer.lr == 0.1  # other optimizers keep theirs
 
 
+@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_cli_run_prints_the_vit_warning_once(cli):
     from conftest import FAST
 
