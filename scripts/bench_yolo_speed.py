@@ -1,20 +1,30 @@
-"""Inference speed of the YOLO detectors on the CPU: images per second at batch 1 and 8, at the papers' input sizes.
+"""Inference speed of the YOLO detectors on the CPU: images per second at batch 1 and 8, at the papers' input sizes
+or at the sizes given (``--sizes 416 640``: every model at each).
 
-YOLOv1 and Fast YOLO (Redmon et al., CVPR 2016) at 448 px, YOLOv2 (Redmon & Farhadi, CVPR 2017) and YOLOv3
-(Redmon & Farhadi, 2018) at 416 px, each at full width, with the class count of its reference configuration (20 for
-the VOC-trained yolov1, yolov1_tiny and yolov2_tiny; 80 for the COCO-trained yolov2, yolov3, yolov3_tiny).
+YOLOv1 and Fast YOLO (Redmon et al., CVPR 2016) at 448 px, YOLOv2 (Redmon & Farhadi, CVPR 2017), YOLOv3
+(Redmon & Farhadi, 2018) and YOLOv4 / YOLOv4-tiny (Bochkovskiy et al., 2020) at 416 px, YOLOv5 n / s (Ultralytics
+v6.0), YOLOv6 n / s (Li et al., v3.0, 2023) and YOLOv7 / YOLOv7-tiny (Wang et al., CVPR 2023) at 640 px, each at full
+width, with the class count of its reference configuration (20 for the VOC-trained yolov1, yolov1_tiny and
+yolov2_tiny; 80 for the COCO-trained others). A model that cannot take a size (YOLOv1: multiples of 64) is skipped
+at it, with a line saying so.
 
 What is timed is the network, ``model.forward_raw(images)`` under ``torch.inference_mode()`` in eval mode: decoding
 and NMS depend on how many boxes pass the score threshold, which for untrained weights says nothing about a trained
-model. Per model and batch size: one untimed warm-up, then timed passes until both ``--repeats`` passes and
-``--min-time`` seconds are reached; images/s = batch / median pass time, and from the fastest pass ("best", the
-less disturbed figure on a shared machine). Parameters and FLOPs (2 per multiply-add,
-``torch.utils.flop_counter``) are counted on the meta device. The load average before and after is recorded: on a
-shared machine, compare numbers only from quiet runs.
+model. ``--fused`` (the default) times the deployed network that `cvlab export`, `cvlab eval` and `cvlab predict` of a
+detector run: :func:`cvlab.engine.export.fuse_for_export` folds every BatchNorm into its conv, and gives YOLOv6's and
+YOLOv7's deploy forms (RepVGG / RepConv branches merged, YOLOv7's implicit layers folded); ``--no-fused`` times the
+training form in eval mode.
+
+Per model and batch size: one untimed warm-up, then timed passes until both ``--repeats`` passes and ``--min-time``
+seconds are reached; images/s = batch / median pass time, and from the fastest pass ("best", the less disturbed
+figure on a shared machine). Parameters and FLOPs (2 per multiply-add, ``torch.utils.flop_counter``) are counted on
+the meta device, of the network as timed (fused or not). The load average before and after is recorded: on a shared
+machine, compare numbers only from quiet runs.
 
 Hand-written: a timing loop around the registered models.
 
     python scripts/bench_yolo_speed.py --threads 2 --batch-sizes 1 8 --json yolo_speed.json
+    python scripts/bench_yolo_speed.py --models yolov3 yolov5n yolov7_tiny --sizes 416 640
 """
 from __future__ import annotations
 
@@ -28,7 +38,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cvlab.engine.export import fuse_for_export
 from cvlab.models import create_model
+from cvlab.utils.errors import UserError
 
 # name: (input size of its paper, classes of its reference cfg)
 VARIANTS = {
@@ -38,13 +50,29 @@ VARIANTS = {
     "yolov2_tiny": (416, 20),
     "yolov3": (416, 80),
     "yolov3_tiny": (416, 80),
+    "yolov4": (416, 80),
+    "yolov4_tiny": (416, 80),
+    "yolov5n": (640, 80),
+    "yolov5s": (640, 80),
+    "yolov6n": (640, 80),
+    "yolov6s": (640, 80),
+    "yolov7": (640, 80),
+    "yolov7_tiny": (640, 80),
 }
 
 
-def count(name: str, image_size: int, num_classes: int) -> tuple[int, int]:
+def build(name: str, image_size: int, num_classes: int, fused: bool) -> torch.nn.Module:
+    """The variant in eval mode, fused for deployment when ``fused``."""
+    model = create_model(name, num_classes=num_classes, image_size=image_size).eval()
+    if fused:
+        fuse_for_export(model)
+    return model
+
+
+def count(name: str, image_size: int, num_classes: int, fused: bool) -> tuple[int, int]:
     """(parameters, FLOPs of one image) without allocating weights."""
     with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes, image_size=image_size)
+        model = build(name, image_size, num_classes, fused)
         with FlopCounterMode(display=False) as counter:
             model.forward_raw(torch.empty(1, 3, image_size, image_size))
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
@@ -79,7 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                         help=f"variants to time (default: all of {', '.join(VARIANTS)})")
+    parser.add_argument("--sizes", nargs="+", type=int, metavar="PX",
+                        help="input sizes, every model at each (default: each model's paper size)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the deployed network, BatchNorms folded and YOLOv6/v7 re-parameterised "
+                             "(default: on; --no-fused: the training form in eval mode)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="at least this many timed passes (default: 3)")
     parser.add_argument("--min-time", type=float, default=2.0, help="and at least this many seconds (default: 2)")
@@ -93,22 +126,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path trained ones avoid
     load_before = os.getloadavg()
     rows = []
+    print(f"{'fused (deploy form)' if args.fused else 'unfused (training form, eval mode)'} networks")
     for name in args.models:
-        image_size, num_classes = VARIANTS[name]
-        params, flops = count(name, image_size, num_classes)
-        torch.manual_seed(0)
-        model = create_model(name, num_classes=num_classes, image_size=image_size).eval()
-        speeds = {batch: images_per_second(model.forward_raw, batch, image_size, args.repeats, args.min_time)
-                  for batch in args.batch_sizes}
-        rows.append({"model": name, "image_size": image_size, "num_classes": num_classes, "params": params,
-                     "gflops": flops / 1e9, "batch": speeds})
-        del model
-        cells = "  ".join(f"{speeds[b]['images_per_s']:>11.2f} {speeds[b]['images_per_s_best']:>6.2f}"
-                          for b in args.batch_sizes)
-        if len(rows) == 1:
-            heads = "  ".join(f"{'img/s b=' + str(b):>11} {'best':>6}" for b in args.batch_sizes)
-            print(f"{'model':<12} {'size':>5} {'classes':>7} {'params':>12} {'GFLOPs':>8}  {heads}")
-        print(f"{name:<12} {image_size:>5} {num_classes:>7} {params:>12,} {flops / 1e9:>8.2f}  {cells}", flush=True)
+        paper_size, num_classes = VARIANTS[name]
+        for image_size in args.sizes or [paper_size]:
+            try:
+                params, flops = count(name, image_size, num_classes, args.fused)
+            except (ValueError, UserError) as error:
+                print(f"{name:<12} {image_size:>5}  skipped: {error}", flush=True)
+                continue
+            torch.manual_seed(0)
+            model = build(name, image_size, num_classes, args.fused)
+            speeds = {batch: images_per_second(model.forward_raw, batch, image_size, args.repeats, args.min_time)
+                      for batch in args.batch_sizes}
+            rows.append({"model": name, "image_size": image_size, "num_classes": num_classes, "fused": args.fused,
+                         "params": params, "gflops": flops / 1e9, "batch": speeds})
+            del model
+            cells = "  ".join(f"{speeds[b]['images_per_s']:>11.2f} {speeds[b]['images_per_s_best']:>6.2f}"
+                              for b in args.batch_sizes)
+            if len(rows) == 1:
+                heads = "  ".join(f"{'img/s b=' + str(b):>11} {'best':>6}" for b in args.batch_sizes)
+                print(f"{'model':<12} {'size':>5} {'classes':>7} {'params':>12} {'GFLOPs':>8}  {heads}")
+            print(f"{name:<12} {image_size:>5} {num_classes:>7} {params:>12,} {flops / 1e9:>8.2f}  {cells}",
+                  flush=True)
     load_after = os.getloadavg()
     print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")

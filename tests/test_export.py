@@ -403,8 +403,10 @@ def test_the_fuse_hook_is_called_innermost_first_and_the_fused_form_is_exported(
     assert fuse_for_export(nn.Sequential(nn.Conv2d(1, 1, 1))) == []
     from cvlab.layers.attention import get_attn_layer
 
-    selective_kernel = get_attn_layer("sk")(8)  # holds a layer named `fuse`, which takes an input: no hook
-    assert isinstance(selective_kernel.fuse, nn.Module) and fuse_for_export(selective_kernel) == []
+    # SK attention holds a layer named `fuse`, which takes an input: no hook of its own; its conv-norm-acts have one.
+    selective_kernel = get_attn_layer("sk")(8)
+    assert isinstance(selective_kernel.fuse, nn.Module)
+    assert fuse_for_export(selective_kernel) == ["fuse", "branches.1", "branches.0"]
 
     import onnx
 
@@ -423,6 +425,7 @@ def test_a_failed_check_raises_and_leaves_no_files(checkpoints, tmp_path, monkey
         return [boxes + 2 * BOX_TOLERANCE, *rest]
 
     monkeypatch.setattr(ExportedGraph, "__call__", shifted_boxes)
-    with pytest.raises(ExportCheckFailed, match="boxes differs by 0.002 at batch 4 .tolerance 0.001.; nothing was"):
+    # the graph is fused: besides the shift it differs from the eager network by float rounding (0.00203)
+    with pytest.raises(ExportCheckFailed, match=r"boxes differs by 0\.002\d* at batch 4 .tolerance 0.001.; nothing"):
         export_checkpoint(ckpt, "torchscript")
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["best.ckpt"]

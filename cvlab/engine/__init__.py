@@ -9,7 +9,7 @@ from cvlab.engine.builders import (
     instantiate_dict,
     quiet_trainer,
 )
-from cvlab.engine.checkpoints import restore_task
+from cvlab.engine.checkpoints import restore_for_inference, restore_task
 from cvlab.engine.export import ExportCheckFailed, export_checkpoint, open_runner
 from cvlab.engine.profiling import LATENCY_THREADS, LATENCY_WARMUP, cpu_profile, describe_model
 from cvlab.engine.rcnn import run_rcnn  # registers the R-CNN pipeline that run_train runs for model=rcnn
@@ -30,8 +30,8 @@ __all__ = [
     "LATENCY_THREADS", "LATENCY_WARMUP", "SPLITS", "Column", "Stage", "StageContext", "StageResult", "anchors",
     "build_datamodule", "build_task", "build_trainer", "checkpoint_datamodule", "cpu_profile", "describe_model",
     "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "instantiate_dict", "list_models", "model_task",
-    "output_dir", "quiet_lightning", "quiet_trainer", "restore_task", "run_guarded", "run_stages", "run_train",
-    "run_tune", "say_run_dir", "to_plain", "tune_overrides", "write_json",
+    "output_dir", "quiet_lightning", "quiet_trainer", "restore_for_inference", "restore_task", "run_guarded",
+    "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain", "tune_overrides", "write_json",
     "PIPELINES", "run_pipeline", "run_rcnn",  # multi-stage methods of cvlab train (model=rcnn)
     "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study
     "ExportCheckFailed", "export_checkpoint", "open_runner",  # cvlab export; cvlab predict of a checkpoint or export

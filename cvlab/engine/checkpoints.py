@@ -1,11 +1,16 @@
-"""Restoring a task from a checkpoint file alone, and checking a file before Lightning reads it (a resume), with one
-line for a file that is not a cvlab checkpoint or that asks for anything cvlab refuses to build
-(:mod:`cvlab.utils.safety`: nothing in the file is ever run)."""
+"""Restoring a task from a checkpoint file alone, for training on or for a read-only pass (fused, where the task
+asks for it), and checking a file before Lightning reads it (a resume), with one line for a file that is not a cvlab
+checkpoint or that asks for anything cvlab refuses to build (:mod:`cvlab.utils.safety`: nothing in the file is ever
+run)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
+from cvlab.layers.rep import fuse_modules
 from cvlab.tasks.base import BaseTask, checked_task_class, load_task
+from cvlab.utils.console import console
 from cvlab.utils.errors import UserError, missing_checkpoint
 from cvlab.utils.safety import CheckpointError, one_line, read_checkpoint
 
@@ -22,6 +27,27 @@ def restore_task(ckpt: Path, what: str = "checkpoint", file: str = "") -> BaseTa
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         # Read safely and on the allowlist, but not what a task is built from (a missing entry, wrong shapes).
         raise UserError(f"{what} {str(ckpt)!r} is not a cvlab checkpoint: {one_line(error)}.") from None
+
+
+def restore_for_inference(ckpt: Path, what: str = "checkpoint", file: str = "") -> BaseTask:
+    """:func:`restore_task` for a read-only pass (`cvlab eval`, `cvlab predict` of a checkpoint): when the task asks
+    for it (``fused_inference``: detection), its inference model (the weight EMA, where the task keeps one) is put in
+    eval mode and fused in place by its modules' fuse hooks (:func:`cvlab.layers.rep.fuse_modules`: each conv's
+    BatchNorm folded into it, RepVGG branches merged), the network `cvlab export` writes, and one dim line says how
+    many BatchNorms were folded. The task must not train afterwards; a training run never fuses its network."""
+    task = restore_task(ckpt, what, file)
+    if task.fused_inference:
+        network = task.inference_model
+        before = _batch_norms(network)
+        fuse_modules(network.eval())
+        if folded := before - _batch_norms(network):
+            console.print(f"fused for inference: {folded} BatchNorm layers folded into their convs", style="dim",
+                          highlight=False)
+    return task
+
+
+def _batch_norms(network: nn.Module) -> int:
+    return sum(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in network.modules())
 
 
 # What ``Trainer.fit(ckpt_path=...)`` continues from besides the weights; a finished run's best.ckpt keeps neither

@@ -60,8 +60,9 @@ from torchvision.ops import clip_boxes_to_image
 
 from cvlab.data.base import LETTERBOX_GREY, DataInfo
 from cvlab.engine.builders import checkpoint_datamodule
-from cvlab.engine.checkpoints import restore_task
+from cvlab.engine.checkpoints import restore_for_inference, restore_task
 from cvlab.engine.runs import write_json
+from cvlab.layers.rep import fuse_modules
 from cvlab.ops.postprocess import DetectionPostprocess
 from cvlab.tasks.base import BaseTask, task_class, to_plain
 from cvlab.utils.errors import UserError
@@ -98,16 +99,9 @@ def require_export_extra(what: str, modules: tuple[str, ...] = EXPORT_EXTRA) -> 
 # ---------------------------------------------------------------------------------------------------- the network
 def fuse_for_export(network: nn.Module) -> list[str]:
     """Puts ``network`` in eval mode and calls the ``fuse()`` hook of each of its modules that defines one (the
-    network itself included), innermost first; returns the names of the modules fused ("" is the network)."""
-    network.eval()
-    fused = []
-    for name, module in reversed(list(network.named_modules())):
-        hook = getattr(module, "fuse", None)
-        if callable(hook) and not isinstance(hook, nn.Module):  # a sub-layer named fuse (SK attention) is no hook
-            hook()
-            fused.append(name)
-    network.eval()  # a fuse may have built new modules, in training mode
-    return fused
+    network itself included), innermost first (:func:`~cvlab.layers.rep.fuse_modules`); returns the names of the
+    modules fused ("" is the network)."""
+    return fuse_modules(network.eval())
 
 
 class DecodedDetector(nn.Module):
@@ -537,10 +531,11 @@ def read_sidecar(graph: Path) -> dict:
 
 
 def open_runner(path: Path, device: torch.device) -> CheckpointRunner | GraphRunner:
-    """What `cvlab predict ckpt=PATH` runs: an ONNX graph (``.onnx``, with its sidecar) or a checkpoint."""
+    """What `cvlab predict ckpt=PATH` runs: an ONNX graph (``.onnx``, with its sidecar) or a checkpoint (fused
+    where its task asks for it, :func:`~cvlab.engine.checkpoints.restore_for_inference`)."""
     if path.suffix == ".onnx":
         if not path.is_file():
             raise UserError(f"ckpt {str(path)!r} does not exist.")
         return GraphRunner(path, device)
-    return CheckpointRunner(restore_task(path), device)
+    return CheckpointRunner(restore_for_inference(path), device)
 

@@ -6,8 +6,10 @@ GDC (Chen et al. 2018, MobileFaceNet) replaces average pooling with a depthwise 
 whole final feature map, so each spatial position gets its own learned weight. torchvision has no such head; it is
 written here.
 
-:func:`fold_batch_norms` folds each conv-norm-act's eval-mode BatchNorm into its conv (``torch.nn.utils.fusion``),
-the deployed form of a CNN (one biased conv instead of conv → norm).
+:meth:`ConvNormAct.fuse`, the fuse hook (:func:`cvlab.layers.rep.fuse_modules`, which `cvlab export`, `cvlab eval`
+and `cvlab predict` of a detector run), folds a conv-norm-act's eval-mode BatchNorm into its conv
+(``torch.nn.utils.fusion``): the deployed form of a CNN, one biased conv instead of conv → norm.
+:func:`fold_batch_norms` does it for every conv-norm-act of a model and counts them.
 """
 from __future__ import annotations
 
@@ -54,9 +56,10 @@ class ConvNormAct(nn.Sequential):
         )
         self.out_chs = out_chs
 
-    def fold_norm(self) -> bool:
-        """Folds the BatchNorm into the conv, in place (eval mode: its running statistics become the conv's scale and
-        bias), and returns whether it did; any other norm (or none, or one folded already) stays as it is."""
+    def fuse(self) -> bool:
+        """The fuse hook: folds the BatchNorm into the conv, in place (eval mode: its running statistics become the
+        conv's scale and bias), and returns whether it did; any other norm (or none, or one folded already) stays as
+        it is, so a second call changes nothing."""
         conv, norm = self[0], self[1]
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.track_running_stats:
             return False
@@ -67,9 +70,9 @@ class ConvNormAct(nn.Sequential):
 
 
 def fold_batch_norms(model: nn.Module) -> int:
-    """:meth:`ConvNormAct.fold_norm` on every conv-norm-act of ``model`` (in eval mode); returns how many folded.
+    """:meth:`ConvNormAct.fuse` on every conv-norm-act of ``model`` (in eval mode); returns how many folded.
     The outputs stay those of the unfolded eval-mode model up to float rounding."""
-    return sum(module.fold_norm() for module in list(model.modules()) if isinstance(module, ConvNormAct))
+    return sum(module.fuse() for module in list(model.modules()) if isinstance(module, ConvNormAct))
 
 
 def depthwise_conv(chs: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1, **kw) -> ConvNormAct:

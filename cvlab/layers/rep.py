@@ -12,11 +12,19 @@ eval mode their sum is one 3×3 convolution with a bias: each BatchNorm scales i
 
 - In eval mode :class:`RepVGGBlock` runs that single conv, folded from the current weights on each call, so
   validation and ``cvlab eval`` see the deployed network while training can go on.
-- :meth:`RepVGGBlock.fuse` (the export fuse hook, :func:`cvlab.engine.export.fuse_for_export`) makes the fold
-  permanent: the branches are replaced by one biased 3×3 conv, as YOLOv6's ``switch_to_deploy``; it is idempotent.
+- :meth:`RepVGGBlock.fuse` (a fuse hook, below) makes the fold permanent: the branches are replaced by one biased
+  3×3 conv, as YOLOv6's ``switch_to_deploy``; it is idempotent.
 
 A block whose norm is neither BatchNorm with running statistics nor the identity (``norm=gn``) has no such fold;
 it runs and is exported with its branches.
+
+The fuse hook, the deployed form of any network (:func:`fuse_modules`): a module that defines ``fuse()`` (no
+arguments) folds its own training-time structure into the ops it infers with, in place and idempotently: RepVGG's
+branches here, a conv's BatchNorm (:meth:`cvlab.layers.conv.ConvNormAct.fuse`), YOLOv7's implicit layers. Modules
+are fused innermost first, so a block's hook finds its parts fused already: a RepVGG block whose branch convs have
+folded their BatchNorms (identity norms now) folds them as they are. `cvlab export` fuses every network it writes
+(:func:`cvlab.engine.export.fuse_for_export`); `cvlab eval` and `cvlab predict` fuse a detector's, never one that
+trains on.
 """
 from __future__ import annotations
 
@@ -128,6 +136,20 @@ class RepVGGBlock(nn.Module):
         self.reparam.weight.requires_grad_(conv.weight.requires_grad)
         self.reparam.bias.requires_grad_(conv.weight.requires_grad)
         del self.conv3x3, self.conv1x1, self.identity
+
+
+def fuse_modules(network: nn.Module, include_root: bool = True) -> list[str]:
+    """Calls the fuse hook of every module of ``network`` that defines one (``network`` itself too, unless
+    ``include_root`` is False: a network's own hook fusing its parts), innermost first; returns the names of the
+    modules fused ("" is the network). ``network`` must be in eval mode (a hook refuses to fold BatchNorms in training
+    mode); modules a hook builds join in eval mode."""
+    hooks = [(name, module.fuse) for name, module in reversed(list(network.named_modules()))
+             if (include_root or module is not network) and callable(getattr(module, "fuse", None))
+             and not isinstance(module.fuse, nn.Module)]  # a sub-layer named fuse (SK attention) is no hook
+    for _, hook in hooks:
+        hook()
+    network.train(network.training)  # the new modules (reparam convs, identities) start in training mode
+    return [name for name, _ in hooks]
 
 
 def reparameterize(model: nn.Module) -> int:

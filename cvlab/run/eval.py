@@ -1,6 +1,6 @@
-"""`cvlab eval ckpt=PATH [split=test|val] [data=...]`: restore the task from the checkpoint alone, score it on one
-split of its data (the same split the training run cut: the checkpoint keeps the data config and seed), print the
-metrics and write eval.json (in <run>/eval/<time>/)."""
+"""`cvlab eval ckpt=PATH [split=test|val] [data=...]`: restore the task from the checkpoint alone (a detector fused,
+as `cvlab export` writes it), score it on one split of its data (the same split the training run cut: the checkpoint
+keeps the data config and seed), print the metrics and write eval.json (in <run>/eval/<time>/)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +14,7 @@ from cvlab.engine import (
     finish_run,
     output_dir,
     quiet_lightning,
-    restore_task,
+    restore_for_inference,
     run_guarded,
     say_run_dir,
 )
@@ -25,7 +25,7 @@ def run_eval(cfg: DictConfig) -> tuple[dict, dict]:
     quiet_lightning()
     split = check_split(str(cfg.split))
     ckpt = Path(str(cfg.ckpt)).expanduser()
-    task = restore_task(ckpt)
+    task = restore_for_inference(ckpt)
     out = output_dir(cfg)
     say_run_dir(out, "start")
     datamodule = checkpoint_datamodule(task, cfg.get("data"), cfg.seed)

@@ -125,6 +125,10 @@ class BaseTask(pl.LightningModule):
     optimizer_groups: ClassVar[tuple[str, ...]] = ("optimizer",)
     # Top-level checkpoint entries the task writes in on_save_checkpoint that a finished run's best.ckpt keeps.
     checkpoint_records: ClassVar[tuple[str, ...]] = ()
+    # Whether `cvlab eval` and `cvlab predict` of a checkpoint run the inference model in its deployed form, fused by
+    # its modules' fuse hooks as `cvlab export` writes it (:func:`cvlab.engine.checkpoints.restore_for_inference`).
+    # Off: the network is evaluated as it trained (a task turns it on where the fused form is the one users deploy).
+    fused_inference: ClassVar[bool] = False
 
     def __init__(
         self,

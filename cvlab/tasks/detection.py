@@ -19,6 +19,10 @@ The ``task`` node (conf/task/detection.yaml, :class:`DetectionSettings`) adds tw
   Ultralytics' ``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (:func:`~cvlab.metrics.detection.fitness`), so the
   tightness of the boxes counts and not only their hits at IoU 0.5.
 
+`cvlab eval` and `cvlab predict` of a checkpoint run its inference model fused (:attr:`DetectionTask.fused_inference`:
+each conv's BatchNorm folded into it, RepVGG branches merged), the network `cvlab export` writes; training, and the
+validation inside it, never fuse.
+
 ``loss=default`` (the model's own loss) also takes ``box_loss`` (``recipe=modern`` sets it to ``ciou``): the box term
 of the model's own loss, where that loss offers the choice (:meth:`DetectionTask._set_own_box_loss`).
 """
@@ -80,6 +84,9 @@ class DetectionTask(BaseTask):
     """See the module docstring. Hyper-parameters besides BaseTask's: ``task`` (:class:`DetectionSettings`)."""
 
     groups = (*BaseTask.groups, "task")
+    # The YOLOs' conv+BN pairs folded (and RepVGG branches merged): `cvlab eval` and `cvlab predict` time and score the
+    # network that `cvlab export` writes.
+    fused_inference = True
 
     def __init__(self, *args, task: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -150,7 +150,7 @@ def test_fused_outputs_equal_the_unfused_eval_outputs():
 def test_folding_needs_eval_mode_and_leaves_other_norms():
     block = ConvNormAct(4, 8, 3)
     with pytest.raises(RuntimeError, match="eval"):
-        block.fold_norm()
+        block.fuse()
     grouped = nn.Sequential(ConvNormAct(4, 8, 3, norm_layer=lambda c: nn.GroupNorm(2, c))).eval()
     assert fold_batch_norms(grouped) == 0 and isinstance(grouped[0][1], nn.GroupNorm)
     assert fold_batch_norms(block.eval()) == 1 and isinstance(block[1], nn.Identity) and block[0].bias is not None

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cvlab.layers.init import restore_own_inits
+from cvlab.layers.rep import fuse_modules
 from cvlab.losses.yolo import AnchorYoloLoss
 from cvlab.models._registry import create_model, list_models, model_task
 from cvlab.models.backbones.darknet import init_darknet_weights
@@ -98,6 +99,13 @@ class YoloDetector(nn.Module):
             return self.compute_loss(raw, targets, image_size)
         boxes, scores = self.decode(raw, image_size)
         return self.postprocess(boxes, scores, image_size)
+
+    def fuse(self) -> None:
+        """The deployed network, in place (eval mode; the fuse hook that ``cvlab export``, and ``cvlab eval`` and
+        ``cvlab predict`` of a checkpoint, call): every part's own fuse hook, innermost first
+        (:func:`~cvlab.layers.rep.fuse_modules`): each conv's BatchNorm folded into it, each RepVGG block one
+        biased 3×3 conv. Idempotent; the outputs stay the eval outputs up to float rounding."""
+        fuse_modules(self, include_root=False)
 
 
 class AnchorYolo(YoloDetector):

@@ -17,8 +17,9 @@ for a 640 px input. Its parts:
 
 The variants differ only in their width and depth multiples (``width`` and ``depth`` multiply them further). The
 trunk and neck start with PyTorch's default init and YOLOv5's BatchNorm (eps 1e-3, momentum 0.03), as YOLOv5's
-``initialize_weights`` leaves them. :meth:`YOLOv5.fuse` folds every BatchNorm into its conv (the ``fuse()`` hook of
-``cvlab export``), the deployed form the published tables count. ``backbone=<zoo name>`` replaces the trunk.
+``initialize_weights`` leaves them. :meth:`YOLOv5.fuse` folds every BatchNorm into its conv (the detectors' fuse
+hook, :meth:`~cvlab.models.detectors._yolo_common.YoloDetector.fuse`), the deployed form the published tables count.
+``backbone=<zoo name>`` replaces the trunk.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from typing import Sequence
 
 from torch import nn
 
-from cvlab.layers.conv import fold_batch_norms
 from cvlab.layers.init import reset_to_pytorch_defaults
 from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.losses.yolo import YoloV5Loss
@@ -110,11 +110,6 @@ class YOLOv5(AnchorYolo):
         super().__init__(trunk, neck, head, anchor_wh, masks, loss, DetectionPostprocess(**postprocess_kwargs))
         for part in (neck, head):  # AnchorYolo starts them with Darknet's init; YOLOv5 keeps PyTorch's
             reset_to_pytorch_defaults(part)
-
-    def fuse(self) -> None:
-        """Folds every conv's BatchNorm into it (eval mode), in place; the fuse hook that ``cvlab export`` calls.
-        The outputs stay the unfused eval outputs up to float rounding."""
-        fold_batch_norms(self)
 
 
 def _yolov5(variant: str, **kwargs) -> YOLOv5:

@@ -18,8 +18,9 @@ YOLOv6 predicts at three scales (strides 8, 16, 32) with one anchor-free predict
 
 Re-parameterisation: in eval mode every RepVGG block runs as the one 3×3 conv its three branches equal
 (:class:`~cvlab.layers.rep.RepVGGBlock`), so validation, ``cvlab eval`` and ``cvlab predict`` run the deployed
-network; :meth:`YOLOv6.fuse` (the ``fuse()`` hook of ``cvlab export``) makes that permanent and folds every other
-conv's BatchNorm, the deployed form YOLOv6's tables count. ``rep=False`` trains the deployed form directly (plain
+network; :meth:`YOLOv6.fuse` (the detectors' fuse hook,
+:meth:`~cvlab.models.detectors._yolo_common.YoloDetector.fuse`) makes that permanent and folds every other conv's
+BatchNorm, the deployed form YOLOv6's tables count. ``rep=False`` trains the deployed form directly (plain
 3×3 convs), ``bic=False`` is v2.0's neck: the ablations of the two. ``backbone=<zoo name>`` replaces the trunk (its
 last four stages, three without BiC).
 """
@@ -30,8 +31,6 @@ from functools import partial
 import torch
 from torch import nn
 
-from cvlab.layers.conv import fold_batch_norms
-from cvlab.layers.rep import reparameterize
 from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.losses.yolov6 import YoloV6Loss
 from cvlab.models._registry import register_model
@@ -114,13 +113,6 @@ class YOLOv6(YoloDetector):
 
     def decode(self, raw: list[torch.Tensor], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head.decode(raw, image_size)
-
-    def fuse(self) -> None:
-        """The deployed network, in place (eval mode; the fuse hook ``cvlab export`` calls): every RepVGG block
-        becomes one biased 3×3 conv, then every other conv's BatchNorm is folded into it. The outputs stay the eval
-        outputs up to float rounding."""
-        reparameterize(self)
-        fold_batch_norms(self)
 
 
 def _yolov6(variant: str, **kwargs) -> YOLOv6:

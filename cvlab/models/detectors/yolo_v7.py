@@ -41,9 +41,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from cvlab.layers.conv import ConvNormAct, fold_batch_norms
+from cvlab.layers.conv import ConvNormAct
 from cvlab.layers.init import reset_to_pytorch_defaults
-from cvlab.layers.rep import RepVGGBlock, reparameterize
+from cvlab.layers.rep import RepVGGBlock
 from cvlab.layers.typing import ActFactory, AttnFactory, NormFactory
 from cvlab.losses.yolo import YoloV5Loss, YoloV7Loss
 from cvlab.models._registry import register_model
@@ -241,15 +241,11 @@ class YOLOv7(AnchorYolo):
                          **kwargs)
 
     def fuse(self) -> None:
-        """The deploy form, in place (eval mode; the fuse hook ``cvlab export`` calls): RepConv re-parameterised,
-        the implicit layers folded into the output convs, every BatchNorm folded into its conv, the auxiliary head
-        removed. Idempotent; the eval outputs stay the same up to float rounding."""
-        reparameterize(self)
-        for module in self.modules():
-            if isinstance(module, ImplicitPredictor):
-                module.fuse()
-        fold_batch_norms(self)
+        """The deploy form, in place (eval mode; the detectors' fuse hook): the auxiliary head removed, then every
+        part's hook: RepConv re-parameterised, the implicit layers folded into the output convs, every BatchNorm
+        folded into its conv. Idempotent; the eval outputs stay the same up to float rounding."""
         self.aux_head = None
+        super().fuse()
 
 
 @register_model(task="detection")
