@@ -3,6 +3,8 @@ BatchNorm statistics far from their defaults; the checks that a training step re
 eval follows the detection contract (one dict of boxes, scores and 0-based labels per image, best first)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -76,3 +78,13 @@ def assert_detection_contract(detections: list[dict], images: int, max_det: int,
         assert ((det["labels"] >= 0) & (det["labels"] < num_classes)).all()
         assert (det["boxes"] >= 0).all() and (det["boxes"] <= size).all()
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
+
+
+# Arguments of a loss that the detection task fills in from the data, not its config (class weights' inputs).
+DATA_ARGUMENTS = ("num_classes", "class_counts")
+
+
+def configurable_defaults(loss_class: type) -> dict:
+    """The defaults of ``loss_class``'s arguments that its loss config writes out (all but :data:`DATA_ARGUMENTS`)."""
+    return {name: p.default for name, p in inspect.signature(loss_class).parameters.items()
+            if name not in DATA_ARGUMENTS}

@@ -673,13 +673,14 @@ class DetectionDataModule(SplitDataModule):
     relative to ``root``. ``augment=False`` gives the training set the evaluation pipeline. ``mosaic`` and ``mixup``
     are the probabilities of :class:`~cvlab.data.wrappers.Mosaic` and :class:`~cvlab.data.wrappers.MixUp` (applied
     in that order) in the training loader; ``train_set`` stays the split as read. ``sampler`` is offered
-    ``num_samples``, ``num_classes``, ``class_counts`` and ``seed``; a sampler that draws images by their class label
-    is refused. :meth:`attach_proposals` adds selective-search proposals to every split's targets (for R-CNN and
-    Fast R-CNN).
+    ``num_samples``, ``num_classes``, ``class_counts``, ``seed`` and ``image_labels`` (each training image's object
+    classes: ``sampler=repeat_factor``); a sampler that draws images by one class label each is refused.
+    :meth:`attach_proposals` adds selective-search proposals to every split's targets (for R-CNN and Fast R-CNN).
     """
 
     kind = "detection"
     collate_fn = staticmethod(detection_collate)
+    sampler_inputs = ("image_labels", *SplitDataModule.sampler_inputs)
 
     def __init__(self, source: str = "shapes_det", root: str | None = None, image_size: int = 64,
                  batch_size: int = 16, num_workers: int = 0, augment: bool = True, hflip: float = 0.5,
@@ -882,6 +883,10 @@ class DetectionDataModule(SplitDataModule):
         self.train_set, self.val_set, self.test_set = attach_proposals((self.train_set, self.val_set, self.test_set),
                                                                         settings)
         return self.train_set.settings
+
+    def sampler_values(self) -> dict[str, Any]:
+        labels = [self.train_set.annotation(i).labels.tolist() for i in range(len(self.train_set))]
+        return {**super().sampler_values(), "image_labels": labels}
 
     def training_view(self) -> tuple[Dataset, bool]:
         dataset = self.train_set

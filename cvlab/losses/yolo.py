@@ -20,6 +20,12 @@ loss_cls)`` of scalars summed over the batch and divided by the batch size (Dark
 independent of the batch). The total loss is their sum. Squared errors are written without Darknet's implicit ½ (its
 deltas are gradients of ½·error²): a constant factor only rescales the learning rate.
 
+The logistic terms of YOLOv3, v4, v5 and v7 (objectness and classes, :class:`BinaryTerms`) take two imbalance
+options (not in the papers): ``focal_gamma`` > 0 scores them with the sigmoid focal loss (Lin et al. 2017,
+``torchvision.ops.sigmoid_focal_loss``; YOLOv5's ``fl_gamma`` hyp, EfficientDet's 1.5) instead of the BCE, and
+``class_weights`` (``balanced``: ``n / (k · n_c)`` from the training boxes per class, or a list) weighs each
+positive's class term by its object's class.
+
 Each loss lists the box terms it can score with as ``box_losses`` (its ``box_loss`` argument's choices): the
 detection task reads them to set the box term of a model's own loss (``loss=default loss.box_loss=ciou``, which
 ``recipe=modern`` gives every YOLO).
@@ -32,8 +38,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, complete_box_iou_loss, generalized_box_iou_loss
+from torchvision.ops import box_convert, complete_box_iou_loss, generalized_box_iou_loss, sigmoid_focal_loss
 
+from cvlab.losses.classification import class_weights as parse_class_weights
 from cvlab.ops.assigners import (
     AnchorAssignment,
     BestAnchorAssigner,
@@ -44,6 +51,7 @@ from cvlab.ops.assigners import (
 )
 from cvlab.ops.boxes import paired_box_iou
 from cvlab.ops.postprocess import anchor_cell_offsets, decode_anchor_boxes, decode_cell_boxes
+from cvlab.utils.validate import check_number
 
 LossDict = dict[str, torch.Tensor]
 LOSS_NAMES = ("loss_box", "loss_obj", "loss_noobj", "loss_cls")
@@ -52,6 +60,49 @@ LOSS_NAMES = ("loss_box", "loss_obj", "loss_noobj", "loss_cls")
 def check_box_loss(box_loss: str | None, choices: tuple[str, ...]) -> None:
     if box_loss not in choices:
         raise ValueError(f"unknown box_loss {box_loss!r}; choose one of {', '.join(choices)}")
+
+
+class BinaryTerms(nn.Module):
+    """The logistic terms of a YOLO loss, element-wise: ``forward(logits, targets) -> Tensor`` of the same shape,
+    the targets in [0, 1] (soft ones too: label smoothing, an IoU as objectness target).
+
+    - ``focal_gamma`` 0: ``BCE(σ(x), t)``; > 0: the sigmoid focal loss ``α_t (1 − p_t)^γ BCE`` with
+      ``p_t = p t + (1 − p)(1 − t)`` and ``α_t = α t + (1 − α)(1 − t)`` (``torchvision.ops.sigmoid_focal_loss``);
+      ``focal_alpha`` α (0.25, RetinaNet's and YOLOv5's) or None (no α weighting). Easy negatives, which outnumber
+      the objects by far, then weigh little.
+    - ``class_weights`` (``balanced``, a list of ``num_classes`` numbers, or None): :meth:`classes` multiplies the
+      terms of each positive by the weight of its object's class; ``balanced`` is ``n / (k · n_c)`` from
+      ``class_counts``, the training boxes per class (mean weight of a training box: 1).
+    """
+
+    def __init__(self, focal_gamma: float = 0.0, focal_alpha: float | None = 0.25,
+                 class_weights: str | list[float] | None = None, num_classes: int | None = None,
+                 class_counts: list[int] | None = None):
+        super().__init__()
+        check_number("loss.focal_gamma", focal_gamma, 0, hint=" (0: the BCE; 1.5: EfficientDet's and YOLOv5's)")
+        check_number("loss.focal_alpha", focal_alpha, 0, 1, optional=True,
+                     hint=" (the positives' share of the focal weight, 0.25; null: none)")
+        self.focal_gamma = float(focal_gamma)
+        self.focal_alpha = None if focal_alpha is None else float(focal_alpha)
+        if class_weights is not None and num_classes is None:
+            raise ValueError("class_weights need num_classes (the detection task gives it)")
+        weights = None if class_weights is None else parse_class_weights(class_weights, num_classes, class_counts,
+                                                                          "loss.class_weights")
+        # Not saved: rebuilt from the config and the data, as the loss itself.
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.focal_gamma:
+            alpha = -1.0 if self.focal_alpha is None else self.focal_alpha  # torchvision's "no α"
+            return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=self.focal_gamma)
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+
+    def classes(self, logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The class terms ``Tensor[P, C]`` of P positives whose objects are of class ``labels: Tensor[P]``."""
+        terms = self(logits, targets)
+        if self.class_weights is None:
+            return terms
+        return terms * self.class_weights.to(terms)[labels, None]
 
 
 class YoloV1Loss(nn.Module):
@@ -235,23 +286,29 @@ class YoloV3Loss(AnchorYoloLoss):
     - ``loss_cls = Σ_pos Σ_c BCE(class logit c, target c)`` with target ``[c = label]`` (no softmax: labels may
       overlap), so the classes are scored with a sigmoid each. ``label_smoothing`` ε moves the targets to
       ``1 − ε/2`` and ``ε/2`` (AlexeyAB's yolo layer: ``y · (1 − ε) + ε/2``; Szegedy et al. 2016).
+
+    ``focal_gamma`` / ``focal_alpha`` / ``class_weights``: :class:`BinaryTerms` (the focal loss in place of the
+    three BCEs; class weights on ``loss_cls``).
     """
 
     def __init__(self, ignore_thresh: float = 0.5, box_loss: str = "mse", coord_scale: float = 1.0,
-                 iou_thresh: float = 1.0, label_smoothing: float = 0.0):
+                 iou_thresh: float = 1.0, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+                 focal_alpha: float | None = 0.25, class_weights: str | list[float] | None = None,
+                 num_classes: int | None = None, class_counts: list[int] | None = None):
         super().__init__(ignore_thresh, box_loss, coord_scale, iou_thresh)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
+        self.binary = BinaryTerms(focal_gamma, focal_alpha, class_weights, num_classes, class_counts)
 
     def objectness_losses(self, pos_logits, neg_logits, pos_iou):
-        loss_obj = F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits), reduction="sum")
-        loss_noobj = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits), reduction="sum")
+        loss_obj = self.binary(pos_logits, torch.ones_like(pos_logits)).sum()
+        loss_noobj = self.binary(neg_logits, torch.zeros_like(neg_logits)).sum()
         return loss_obj, loss_noobj
 
     def class_loss(self, logits, labels):
         target = F.one_hot(labels, logits.shape[-1]).to(logits) * (1 - self.label_smoothing) + self.label_smoothing / 2
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        return self.binary.classes(logits, target, labels).sum()
 
     def class_probabilities(self, logits):
         return torch.sigmoid(logits)
@@ -273,8 +330,11 @@ class YoloV4Loss(YoloV3Loss):
     """
 
     def __init__(self, ignore_thresh: float = 0.7, box_loss: str = "ciou", coord_scale: float = 1.0,
-                 iou_thresh: float = 0.213, label_smoothing: float = 0.0):
-        super().__init__(ignore_thresh, box_loss, coord_scale, iou_thresh, label_smoothing)
+                 iou_thresh: float = 0.213, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+                 focal_alpha: float | None = 0.25, class_weights: str | list[float] | None = None,
+                 num_classes: int | None = None, class_counts: list[int] | None = None):
+        super().__init__(ignore_thresh, box_loss, coord_scale, iou_thresh, label_smoothing, focal_gamma, focal_alpha,
+                         class_weights, num_classes, class_counts)
 
 
 class YoloV5Loss(nn.Module):
@@ -294,7 +354,8 @@ class YoloV5Loss(nn.Module):
     the hyp file's: ``box_gain' = box_gain · 3 / L``, ``cls_gain' = cls_gain · C / 80 · 3 / L``,
     ``obj_gain' = obj_gain · (H · W / 640²) · 3 / L`` for L levels, C classes and an H×W input. YOLOv5 trains on the
     sum of the three multiplied by the batch size; per image, as every cvlab loss, that is the sum itself. A slot
-    claimed twice keeps the later claim's IoU as its objectness target.
+    claimed twice keeps the later claim's IoU as its objectness target. ``focal_gamma`` / ``focal_alpha`` /
+    ``class_weights``: :class:`BinaryTerms` (YOLOv5's ``fl_gamma`` wraps the class and objectness BCEs alike).
 
     ``forward(outputs, anchors, targets, image_size, xy_scales=None) -> LossDict`` as
     :class:`AnchorYoloLoss`'s (``xy_scales``: the detector's, 2 per level for YOLOv5).
@@ -306,7 +367,10 @@ class YoloV5Loss(nn.Module):
     box_losses = ("ciou", "mse")
 
     def __init__(self, anchor_t: float = 4.0, box_gain: float = 0.05, obj_gain: float = 1.0, cls_gain: float = 0.5,
-                 balance: tuple[float, ...] = (4.0, 1.0, 0.4), iou_ratio: float = 1.0, box_loss: str = "ciou"):
+                 balance: tuple[float, ...] = (4.0, 1.0, 0.4), iou_ratio: float = 1.0, box_loss: str = "ciou",
+                 focal_gamma: float = 0.0, focal_alpha: float | None = 0.25,
+                 class_weights: str | list[float] | None = None, num_classes: int | None = None,
+                 class_counts: list[int] | None = None):
         super().__init__()
         check_box_loss(box_loss, self.box_losses)
         if not 0.0 <= iou_ratio <= 1.0:
@@ -316,6 +380,7 @@ class YoloV5Loss(nn.Module):
         self.balance = tuple(float(weight) for weight in balance)
         self.iou_ratio = iou_ratio
         self.box_loss = box_loss
+        self.binary = BinaryTerms(focal_gamma, focal_alpha, class_weights, num_classes, class_counts)
 
     def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
@@ -372,12 +437,12 @@ class YoloV5Loss(nn.Module):
                     (1 - self.iou_ratio) + self.iou_ratio * iou[last])
                 if num_classes > 1:
                     class_target = F.one_hot(assigned.labels, num_classes).to(pos_raw)
-                    totals["loss_cls"] = totals["loss_cls"] + cls_gain * F.binary_cross_entropy_with_logits(
-                        pos_raw[:, 5:], class_target)
-            obj_bce = F.binary_cross_entropy_with_logits(raw[..., 4], obj_target, reduction="none")
-            obj_weight = obj_gain * balance[level] / obj_bce.numel()
-            totals["loss_obj"] = totals["loss_obj"] + obj_weight * obj_bce[~assigned.negatives].sum()
-            totals["loss_noobj"] = totals["loss_noobj"] + obj_weight * obj_bce[assigned.negatives].sum()
+                    totals["loss_cls"] = totals["loss_cls"] + cls_gain * self.binary.classes(
+                        pos_raw[:, 5:], class_target, assigned.labels).mean()
+            obj_terms = self.binary(raw[..., 4], obj_target)
+            obj_weight = obj_gain * balance[level] / obj_terms.numel()
+            totals["loss_obj"] = totals["loss_obj"] + obj_weight * obj_terms[~assigned.negatives].sum()
+            totals["loss_noobj"] = totals["loss_noobj"] + obj_weight * obj_terms[assigned.negatives].sum()
         return totals
 
 
@@ -402,8 +467,12 @@ class YoloV7Loss(YoloV5Loss):
 
     def __init__(self, anchor_t: float = 4.0, box_gain: float = 0.05, obj_gain: float = 0.7, cls_gain: float = 0.3,
                  balance: tuple[float, ...] = (4.0, 1.0, 0.4), iou_ratio: float = 1.0, box_loss: str = "ciou",
-                 topk: int = 10, iou_weight: float = 3.0, aux_weight: float = 0.25, aux_topk: int = 20):
-        super().__init__(anchor_t, box_gain, obj_gain, cls_gain, balance, iou_ratio, box_loss)
+                 topk: int = 10, iou_weight: float = 3.0, aux_weight: float = 0.25, aux_topk: int = 20,
+                 focal_gamma: float = 0.0, focal_alpha: float | None = 0.25,
+                 class_weights: str | list[float] | None = None, num_classes: int | None = None,
+                 class_counts: list[int] | None = None):
+        super().__init__(anchor_t, box_gain, obj_gain, cls_gain, balance, iou_ratio, box_loss, focal_gamma,
+                         focal_alpha, class_weights, num_classes, class_counts)
         self.assigner = SimOTAAssigner(anchor_t, topk, iou_weight)
         self.aux_assigner = SimOTAAssigner(anchor_t, aux_topk, iou_weight, neighbour_reach=1.0)
         self.aux_weight = aux_weight

@@ -1,7 +1,6 @@
 """YOLOv4 / YOLOv4-tiny and their parts: exact sizes and FLOPs against the released cfgs, the CSPDarknet53, SPP and
 PAN layouts, the detection contract, and each freebie option (CIoU, several anchors per truth, grid sensitivity,
 label smoothing, DropBlock) changing what it should."""
-import inspect
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from cvlab.models.necks.pan import ConvSetPAN, SpatialPyramidPooling
 from cvlab.ops.postprocess import anchor_cell_offsets
 from cvlab.utils.config import read_option
 from cvlab.utils.errors import UserError
+from detector_checks import configurable_defaults
 
 torch.set_num_threads(1)
 
@@ -62,7 +62,7 @@ def test_loss_config_is_the_yolov4_loss_with_every_setting_written_out():
     config = read_option("loss", "yolov4")
     assert (config.pop("name"), config.pop("task"), config.pop("_target_")) == (
         "yolov4", "detection", "cvlab.losses.yolo.YoloV4Loss")
-    assert config == {name: p.default for name, p in inspect.signature(YoloV4Loss).parameters.items()}
+    assert config == configurable_defaults(YoloV4Loss)
     assert config["box_loss"] == "ciou" and config["iou_thresh"] == 0.213 and config["ignore_thresh"] == 0.7
 
 

@@ -4,7 +4,6 @@ and YOLOv5's gains."""
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import pytest
@@ -27,6 +26,7 @@ from cvlab.utils.errors import UserError
 from detector_checks import (
     assert_detection_contract,
     assert_losses_reach_every_parameter,
+    configurable_defaults,
     randomise_batch_norms,
     sample_targets,
     train_steps,
@@ -213,7 +213,7 @@ def test_loss_config_default_and_refusals():
     config = read_option("loss", "yolov5")
     assert (config.pop("name"), config.pop("task"), config.pop("_target_")) == (
         "yolov5", "detection", "cvlab.losses.yolo.YoloV5Loss")
-    defaults = {name: p.default for name, p in inspect.signature(YoloV5Loss).parameters.items()}
+    defaults = configurable_defaults(YoloV5Loss)
     assert config == {**defaults, "balance": list(defaults["balance"])}
     assert type(tiny().loss) is YoloV5Loss
     with pytest.raises(UserError, match="yolov5n cannot train with YoloV3Loss.*loss=yolov5"):

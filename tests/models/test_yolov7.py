@@ -4,7 +4,6 @@ SimOTA-style dynamic-k assignment on hand-made cases (the auxiliary head's lead-
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import pytest
@@ -31,6 +30,7 @@ from cvlab.utils.errors import UserError
 from detector_checks import (
     assert_detection_contract,
     assert_losses_reach_every_parameter,
+    configurable_defaults,
     sample_targets,
     train_steps,
     two_scenes,
@@ -305,7 +305,7 @@ def test_loss_config_defaults_and_refusals():
     config = read_option("loss", "yolov7")
     assert (config.pop("name"), config.pop("task"), config.pop("_target_")) == (
         "yolov7", "detection", "cvlab.losses.yolo.YoloV7Loss")
-    defaults = {name: p.default for name, p in inspect.signature(YoloV7Loss).parameters.items()}
+    defaults = configurable_defaults(YoloV7Loss)
     assert config == {**defaults, "balance": list(defaults["balance"])}
     assert (defaults["obj_gain"], defaults["cls_gain"]) == (0.7, 0.3)  # hyp.scratch.p5.yaml
     full, tiny = small("yolov7").loss, small().loss

@@ -195,6 +195,9 @@ class FastRCNN(TwoStageDetector):
         representation_size / width: the FC width (×``width``).
         batch_size_per_image / positive_fraction / fg_iou / bg_iou: the paper's 64 RoIs, 25 % with IoU ≥ 0.5,
             background [0.1, 0.5).
+        ohem_rois / ohem_nms: > 0: online hard example mining in place of that sampling, the ``ohem_rois`` RoIs
+            of highest loss per image after NMS at ``ohem_nms`` (:class:`~cvlab.models.heads.roi_heads.RoIHeads`;
+            Shrivastava et al. 2016: 64 an image, background down to IoU 0, ``bg_iou=[0, 0.5]``).
         box_loss_beta: the smooth-L1's β (1, the paper's).
         score_thresh / nms_thresh / detections_per_img: test post-processing (0.05, 0.3, 100).
         proposals: the selective-search settings (``method``, ``mode``, ``max_proposals``, ``min_size``) the data
@@ -210,6 +213,7 @@ class FastRCNN(TwoStageDetector):
                  width: float = 1.0, batch_size_per_image: int = 64, positive_fraction: float = 0.25,
                  fg_iou: float = 0.5, bg_iou: Sequence[float] = (0.1, 0.5), box_loss_beta: float = 1.0,
                  score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_img: int = 100,
+                 ohem_rois: int = 0, ohem_nms: float = 0.7,
                  proposals: Mapping[str, Any] | None = None, norm_layer: NormFactory | None = None,
                  act_layer: ActFactory | None = None, attn_layer: AttnFactory | None = None):
         from cvlab.ops.proposals import proposal_settings
@@ -221,7 +225,7 @@ class FastRCNN(TwoStageDetector):
             sampling_ratio, round(representation_size * width), act_layer, "fast_rcnn", fg_iou=fg_iou,
             bg_iou=tuple(bg_iou), batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
             box_loss_beta=box_loss_beta, score_thresh=score_thresh, nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img,
+            detections_per_img=detections_per_img, ohem_rois=ohem_rois, ohem_nms=ohem_nms,
         )
         super().__init__(trunk, nn.Identity(), roi_heads)
         self.proposal_settings = proposal_settings(proposals)

@@ -80,7 +80,9 @@ class FasterRCNN(TwoStageDetector):
         roi / roi_output_size / sampling_ratio: ``"align"`` (RoIAlign) or ``"pool"`` (RoI max pooling), 7×7.
         representation_size / width: the two FC layers' width; ``width`` also scales ``fpn_channels``.
         box_*: the box head's sampling (512 RoIs, 25 % foreground at IoU ≥ 0.5, background below ``box_bg_iou``),
-            smooth-L1 β, and post-processing (score 0.05, per-class NMS 0.5, 100 detections).
+            smooth-L1 β, and post-processing (score 0.05, per-class NMS 0.5, 100 detections); ``box_ohem_rois``
+            > 0: online hard example mining in place of that sampling, the ``box_ohem_rois`` RoIs of highest loss
+            per image after NMS at ``box_ohem_nms`` (:class:`~cvlab.models.heads.roi_heads.RoIHeads`).
         norm_layer / act_layer / attn_layer: the backbone's; act_layer also the heads' (default ReLU). The FPN
             has no norm and no activation, as in the paper.
     """
@@ -97,7 +99,8 @@ class FasterRCNN(TwoStageDetector):
                  representation_size: int = 1024, width: float = 1.0, box_batch_size_per_image: int = 512,
                  box_positive_fraction: float = 0.25, box_fg_iou: float = 0.5, box_bg_iou: float = 0.5,
                  box_loss_beta: float = 1.0 / 9, box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
-                 box_detections_per_img: int = 100, norm_layer: NormFactory | None = None,
+                 box_detections_per_img: int = 100, box_ohem_rois: int = 0, box_ohem_nms: float = 0.7,
+                 norm_layer: NormFactory | None = None,
                  act_layer: ActFactory | None = None, attn_layer: AttnFactory | None = None):
         trunk = detection_trunk(backbone, levels, "faster_rcnn", image_size, norm_layer, act_layer, attn_layer,
                                 backbone_args)
@@ -129,7 +132,7 @@ class FasterRCNN(TwoStageDetector):
             round(representation_size * width), act_layer, "faster_rcnn", fg_iou=box_fg_iou, bg_iou=(0.0, box_bg_iou),
             batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
             box_loss_beta=box_loss_beta, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
-            detections_per_img=box_detections_per_img,
+            detections_per_img=box_detections_per_img, ohem_rois=box_ohem_rois, ohem_nms=box_ohem_nms,
         )
         super().__init__(trunk, neck, roi_heads)
         self.rpn = rpn

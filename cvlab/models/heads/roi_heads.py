@@ -9,12 +9,15 @@ Papers:
     He, Gkioxari, Dollár & Girshick 2017, "Mask R-CNN" (§3: RoIAlign, bilinear sampling without quantisation).
     Lin et al. 2017, "Feature Pyramid Networks for Object Detection" (§4.2, Eq. 1: an RoI of side √(wh) is pooled
     from level ``k = ⌊k0 + log2(√(wh) / 224)⌋``, k0 = 4).
+    Shrivastava, Gupta & Girshick 2016, "Training Region-based Object Detectors with Online Hard Example Mining"
+    (§4: every RoI goes forward, the ones of highest loss, after NMS at 0.7 among them by loss, form the batch).
 
 RoI pooling is ``torchvision.ops.roi_pool`` / ``roi_align`` and the boxes maths ``torchvision.ops``; the level
 assignment, the head, sampling, loss and post-processing are written here following torchvision's ``RoIHeads`` and
 ``MultiScaleRoIAlign`` step for step (they are in ``torchvision.models.detection``, which cvlab's models do not import),
 so torchvision's weights give the same detections. Class index 0 is the background, as in the papers and in
-torchvision; the detections carry cvlab's 0-based foreground labels.
+torchvision; the detections carry cvlab's 0-based foreground labels. OHEM (``ohem_rois``) is written here as well:
+torchvision has no hard-example sampler.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_area, clip_boxes_to_image, remove_small_boxes, roi_align, roi_pool
+from torchvision.ops import batched_nms, box_area, clip_boxes_to_image, nms, remove_small_boxes, roi_align, roi_pool
 
 from cvlab.layers.typing import ActFactory
 from cvlab.ops.box_coder import BoxCoder
-from cvlab.ops.matching import IoUMatcher, objects_with_area, sample_balanced
+from cvlab.ops.matching import BACKGROUND, FOREGROUND, IoUMatcher, objects_with_area, sample_balanced
+from cvlab.utils.validate import check_number
 
 ROI_MODES = ("align", "pool")
 # FPN's Eq. 1: an ImageNet-sized RoI (224 px) maps to level 4 (stride 16).
@@ -143,6 +147,11 @@ class RoIHeads(nn.Module):
             the rest ignored (Fast R-CNN 0.5 and [0.1, 0.5); Faster R-CNN, torchvision: 0.5 and [0, 0.5)).
         batch_size_per_image / positive_fraction: RoIs sampled per image and the foreground share (Fast R-CNN 64
             and 0.25; Faster R-CNN 512 and 0.25).
+        ohem_rois / ohem_nms: online hard example mining (Shrivastava et al. 2016) in place of that sampling when
+            ``ohem_rois`` > 0: every foreground and background RoI goes forward, and each image's ``ohem_rois``
+            of highest loss (classification + box regression; the paper's 128 a batch of 2 images is 64 each),
+            after NMS at ``ohem_nms`` (0.7) among them ranked by that loss, make up the losses; the rest get no
+            gradient. The losses are normalised as without OHEM, by the RoIs kept.
         add_gt_proposals: the objects' own boxes join the proposals in training (both papers, and torchvision).
         box_coder_weights: the target normalisation (10, 10, 5, 5).
         box_loss_beta: smooth-L1's β (Fast R-CNN: 1; torchvision's Faster R-CNN: 1/9).
@@ -155,8 +164,10 @@ class RoIHeads(nn.Module):
                  positive_fraction: float = 0.25, add_gt_proposals: bool = True,
                  box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0), box_loss_beta: float = 1.0 / 9,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-                 min_size: float = 1e-2):
+                 min_size: float = 1e-2, ohem_rois: int = 0, ohem_nms: float = 0.7):
         super().__init__()
+        check_number("the RoI head's ohem_rois", ohem_rois, 0, integer=True, hint=" (0: off; the paper's 64 an image)")
+        check_number("the RoI head's ohem_nms", ohem_nms, 0, 1, hint=" (the paper's 0.7)")
         self.pooler, self.box_head, self.box_predictor = pooler, box_head, box_predictor
         self.matcher = IoUMatcher(fg_iou, tuple(bg_iou))
         self.box_coder = BoxCoder(box_coder_weights)
@@ -164,6 +175,7 @@ class RoIHeads(nn.Module):
         self.add_gt_proposals, self.box_loss_beta = add_gt_proposals, float(box_loss_beta)
         self.score_thresh, self.nms_thresh = float(score_thresh), float(nms_thresh)
         self.detections_per_img, self.min_size = int(detections_per_img), float(min_size)
+        self.ohem_rois, self.ohem_nms = int(ohem_rois), float(ohem_nms)
 
     def forward(self, levels: list[torch.Tensor], proposals: list[torch.Tensor], image_size: tuple[int, int],
                 targets: list[dict] | None = None):
@@ -172,9 +184,13 @@ class RoIHeads(nn.Module):
                 raise ValueError("the RoI heads in training mode need targets (list of dict(boxes, labels))")
             proposals, labels, regression_targets = self.sample(proposals, targets)
         class_logits, box_deltas = self.box_predictor(self.box_head(self.pooler(levels, proposals)))
-        if self.training:
-            return self.loss(class_logits, box_deltas, labels, regression_targets)
-        return self.postprocess(class_logits, box_deltas, proposals, image_size)
+        if not self.training:
+            return self.postprocess(class_logits, box_deltas, proposals, image_size)
+        if self.ohem_rois:
+            hard = self.hardest(class_logits, box_deltas, labels, regression_targets, proposals)
+            class_logits, box_deltas, labels, regression_targets = (
+                value[hard] for value in (class_logits, box_deltas, labels, regression_targets))
+        return self.loss(class_logits, box_deltas, labels, regression_targets)
 
     def sample(self, proposals: list[torch.Tensor], targets: list[dict]
                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -187,7 +203,10 @@ class RoIHeads(nn.Module):
             if self.add_gt_proposals:
                 boxes = torch.cat([boxes, objects])
             match = self.matcher(boxes, objects)
-            positive, negative = sample_balanced(match.kind, self.batch_size_per_image, self.positive_fraction)
+            if self.ohem_rois:  # all of them: the hardest are chosen after the forward pass
+                positive, negative = torch.where(match.kind == FOREGROUND)[0], torch.where(match.kind == BACKGROUND)[0]
+            else:
+                positive, negative = sample_balanced(match.kind, self.batch_size_per_image, self.positive_fraction)
             keep = torch.cat([positive, negative])
             image_labels = torch.zeros(len(keep), dtype=torch.int64, device=boxes.device)
             image_labels[: len(positive)] = object_labels[match.index[positive]] + 1
@@ -198,15 +217,36 @@ class RoIHeads(nn.Module):
             regression_targets.append(image_targets)
         return sampled, torch.cat(labels), torch.cat(regression_targets)
 
+    def roi_losses(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
+                   regression_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each RoI's classification and box loss (``Tensor[R]`` each): the cross-entropy, and the smooth-L1 of
+        its deltas for its class summed over the four (0 for the background)."""
+        foreground = torch.where(labels > 0)[0]
+        deltas = box_deltas.reshape(len(box_deltas), -1, 4)[foreground, labels[foreground]]
+        foreground_loss = F.smooth_l1_loss(deltas, regression_targets[foreground], beta=self.box_loss_beta,
+                                           reduction="none").sum(1)
+        box_loss = foreground_loss.new_zeros(len(labels)).index_put((foreground,), foreground_loss)
+        return F.cross_entropy(class_logits, labels, reduction="none"), box_loss
+
+    @torch.no_grad()
+    def hardest(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
+                regression_targets: torch.Tensor, rois: list[torch.Tensor]) -> torch.Tensor:
+        """OHEM's batch: the indices (into the concatenated ``rois``, one ``Tensor[K_i, 4]`` per image) of each
+        image's ``ohem_rois`` RoIs of highest total loss left by NMS at ``ohem_nms`` ranked by that loss."""
+        total = sum(self.roi_losses(class_logits, box_deltas, labels, regression_targets))
+        kept, start = [], 0
+        for boxes, losses in zip(rois, total.split([len(r) for r in rois])):
+            kept.append(nms(boxes, losses, self.ohem_nms)[: self.ohem_rois] + start)  # nms ranks by loss
+            start += len(boxes)
+        return torch.cat(kept)
+
     def loss(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
              regression_targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if labels.numel() == 0:  # no RoI in the whole batch: nothing to learn from, but a graph for backward
             zero = class_logits.sum() * 0 + box_deltas.sum() * 0
             return {"loss_classifier": zero, "loss_box_reg": zero}
-        foreground = torch.where(labels > 0)[0]
-        deltas = box_deltas.reshape(len(box_deltas), -1, 4)[foreground, labels[foreground]]
-        box_loss = F.smooth_l1_loss(deltas, regression_targets[foreground], beta=self.box_loss_beta, reduction="sum")
-        return {"loss_classifier": F.cross_entropy(class_logits, labels), "loss_box_reg": box_loss / labels.numel()}
+        classifier, box = self.roi_losses(class_logits, box_deltas, labels, regression_targets)
+        return {"loss_classifier": classifier.mean(), "loss_box_reg": box.sum() / labels.numel()}
 
     def postprocess(self, class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: list[torch.Tensor],
                     image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
