@@ -10,6 +10,7 @@ from cvlab.engine.builders import (
     quiet_trainer,
 )
 from cvlab.engine.checkpoints import restore_for_inference, restore_task
+from cvlab.engine.ensembles import run_ensemble  # registers strategy=easy_ensemble / balance_cascade
 from cvlab.engine.export import ExportCheckFailed, export_checkpoint, open_runner
 from cvlab.engine.profiling import LATENCY_THREADS, LATENCY_WARMUP, cpu_profile, describe_model
 from cvlab.engine.rcnn import run_rcnn  # registers the R-CNN pipeline that run_train runs for model=rcnn
@@ -32,7 +33,8 @@ __all__ = [
     "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "instantiate_dict", "list_models", "model_task",
     "output_dir", "quiet_lightning", "quiet_trainer", "restore_for_inference", "restore_task", "run_guarded",
     "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain", "tune_overrides", "write_json",
-    "PIPELINES", "run_pipeline", "run_rcnn",  # multi-stage methods of cvlab train (model=rcnn)
+    "PIPELINES", "run_ensemble", "run_pipeline", "run_rcnn",  # multi-stage methods of cvlab train (model=rcnn,
+    # strategy=easy_ensemble / balance_cascade)
     "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study
     "ExportCheckFailed", "export_checkpoint", "open_runner",  # cvlab export; cvlab predict of a checkpoint or export
 ]

@@ -25,7 +25,8 @@ def evaluate(trainer, task, datamodule, split: str, ckpt_path: str | None = None
 
 
 # Multi-stage methods that `cvlab train` runs instead of one fit, by the name in a model config's ``pipeline``
-# (``model=rcnn``: :mod:`cvlab.engine.rcnn`); each registers itself with :func:`register_pipeline`.
+# (``model=rcnn``: :mod:`cvlab.engine.rcnn`) or a ``strategy`` option's name (``strategy=easy_ensemble``:
+# :mod:`cvlab.engine.ensembles`); each registers itself with :func:`register_pipeline`.
 PIPELINES: dict[str, Callable[[DictConfig], tuple[dict, dict]]] = {}
 
 
@@ -42,27 +43,44 @@ def register_pipeline(name: str):
     return wrap
 
 
+def pipeline_of(cfg: DictConfig) -> tuple[str, str] | None:
+    """The multi-stage method ``cfg`` runs instead of one fit, as ``(setting, name)``: its model's
+    ``model.pipeline.name`` or its ``strategy`` (``strategy.name`` other than none); None for one fit."""
+    from cvlab.utils.errors import UserError
+
+    strategy = cfg.get("strategy")
+    strategy = str(strategy.get("name", "none")) if strategy is not None else "none"
+    if cfg.model.get("pipeline"):
+        if strategy != "none":
+            raise UserError(f"model={cfg.model.name} is a pipeline of its own; strategy={strategy} ensembles single "
+                            "classifiers. Leave strategy=none.")
+        return "model.pipeline.name", str(cfg.model.pipeline.get("name"))
+    return ("strategy", strategy) if strategy != "none" else None
+
+
 def run_pipeline(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
-    """Runs the registered pipeline that ``cfg.model.pipeline.name`` names (its stages are their own fits)."""
+    """Runs the registered pipeline that ``cfg`` names (:func:`pipeline_of`; its stages are their own fits)."""
     from cvlab.utils.errors import UserError, suggest
 
-    name = str(cfg.model.pipeline.get("name"))
+    setting, name = pipeline_of(cfg)
     if name not in PIPELINES:
-        raise UserError(f"model.pipeline.name={name!r} is no pipeline.{suggest(name, PIPELINES)} Pipelines: "
+        raise UserError(f"{setting}={name!r} is no pipeline.{suggest(name, PIPELINES)} Pipelines: "
                         f"{', '.join(sorted(PIPELINES))}.")
     if extra_callbacks:
-        raise UserError(f"model={cfg.model.name} trains as separate stages ({name}), which take no extra training "
-                        "callbacks (cvlab tune prunes single fits only).")
+        chosen = f"strategy={name}" if setting == "strategy" else f"model={cfg.model.name}"
+        raise UserError(f"{chosen} trains as separate stages ({name}), which take no extra training callbacks "
+                        "(cvlab tune prunes single fits only).")
     return PIPELINES[name](cfg)
 
 
 def run_train(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
     """Trains per ``cfg``; the best checkpoint on val is then scored on val and test. Returns (final metrics,
     {"task", "datamodule", "trainer"}); the task holds the best checkpoint's weights. A model whose config names a
-    ``pipeline`` (R-CNN) runs that pipeline's stages instead (:func:`run_pipeline`)."""
+    ``pipeline`` (R-CNN), or a ``strategy`` (EasyEnsemble, BalanceCascade), runs that pipeline's stages instead
+    (:func:`run_pipeline`)."""
     import pytorch_lightning as pl
 
-    if cfg.model.get("pipeline"):
+    if pipeline_of(cfg):
         return run_pipeline(cfg, extra_callbacks)
     quiet_lightning()
     out = output_dir(cfg)

@@ -15,6 +15,9 @@ recall also averages classes that are predicted but never true, which sklearn's 
   shows (:func:`frequency_groups`), only for long-tailed training counts and groups the split shows.
 
 A class the split never shows has an undefined recall, NaN in ``recall_per_class``.
+
+:func:`evaluation_metrics` is the set every classification evaluation reports (the task's val and test passes), and
+:func:`score_probabilities` scores predictions made outside a task with it (an ensemble's averaged probabilities).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics.classification import MulticlassRecall
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 GROUPS = ("many", "medium", "few")
 # The training counts are long-tailed when the largest class has at least this many times the images of the
@@ -84,3 +88,26 @@ class ClassRecalls(MulticlassRecall):
             if shown[classes].any():
                 scores[f"recall_{name}"] = per_class[classes].nanmean()
         return {**{key: value.float() for key, value in scores.items()}, "recall_per_class": per_class.float()}
+
+
+def evaluation_metrics(num_classes: int, frequency_groups: Mapping[str, Sequence[int]] | None = None
+                       ) -> MetricCollection:
+    """What a classification evaluation reports: ``acc`` (micro accuracy), ``f1`` (macro-F1) and the
+    :class:`ClassRecalls` figures (``balanced_acc``, ``gmean``, ``recall_<group>``, ``recall_per_class``);
+    ``update(preds, target)`` with logits or probabilities ``Tensor[N, C]`` and class indices ``Tensor[N]``."""
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+        "recalls": ClassRecalls(num_classes, frequency_groups),
+    })
+
+
+def score_probabilities(probabilities: Tensor, labels: Tensor, num_classes: int,
+                        frequency_groups: Mapping[str, Sequence[int]] | None = None) -> dict[str, float | list]:
+    """:func:`evaluation_metrics` of class probabilities ``Tensor[N, C]`` against ``labels`` ``Tensor[N]``, as
+    plain numbers (``recall_per_class`` a list, None for a class the labels never show)."""
+    metrics = evaluation_metrics(num_classes, frequency_groups)
+    metrics.update(torch.as_tensor(probabilities, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.int64))
+    scores = metrics.compute()
+    per_class = [None if value != value else value for value in scores.pop("recall_per_class").tolist()]
+    return {**{key: float(value) for key, value in scores.items()}, "recall_per_class": per_class}

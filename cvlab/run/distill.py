@@ -126,6 +126,9 @@ def run_distill(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("resume"):
         raise UserError("cvlab distill resumes a killed run by running it again in the same run directory "
                         "(hydra.run.dir=runs/distillation/<pair>/<time>), not with resume=.")
+    if cfg.get("strategy") is not None and cfg.strategy.name != "none":
+        raise UserError(f"strategy={cfg.strategy.name} is a method of cvlab train (an ensemble of members); cvlab "
+                        "distill trains one teacher and one student. Leave strategy=none.")
     say_run_dir(out, "start")
     settings = distillation.DistillationSettings.from_config(cfg.distill)
     runs = int(cfg.distill.latency_runs)

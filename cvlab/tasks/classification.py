@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cvlab.metrics.classification import ClassRecalls, frequency_groups
+from cvlab.metrics.classification import evaluation_metrics, frequency_groups
 from cvlab.tasks.base import BaseTask, register_task
 from cvlab.utils.errors import UserError
 
@@ -39,11 +39,7 @@ class ClassificationTask(BaseTask):
         # The training counts (of the data before any resampling) define the frequency groups of a long tail.
         self.frequency_groups = frequency_groups(info.class_counts)
         # One set of evaluation metrics serves the val and the test pass (they never run at once).
-        self.eval_metrics = MetricCollection({
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-            "recalls": ClassRecalls(num_classes, self.frequency_groups),
-        })
+        self.eval_metrics = evaluation_metrics(num_classes, self.frequency_groups)
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.eval_loss = MeanMetric()  # one log call per epoch instead of one per batch (Lightning's log is not free)
         # The split and per-class recall Tensor[C] (NaN: a class the split never shows) of the latest evaluation.
