@@ -242,6 +242,7 @@ def test_every_data_key_takes_effect_or_is_refused(option, roots, fake_torchvisi
     (["data=shapes_det", "data.root=/tmp"], "data.root does not apply to data=shapes_det"),
     (["data=shapes_det", "data.augment=false", "data.hflip=0.1"], "data.hflip acts only with data.augment=true"),
     (["data.in_chans=3"], "data.in_chans=3 but digits images have 1 channel"),
+    (["data.sample_pairing=true"], "data.sample_pairing=true never pairs here: it starts at epoch data.pairing_start"),
     (["data.name=mine"], "data.name names the option itself; choose another one with data=NAME"),
     (["model.name=resnet50"], "model.name names the option itself; choose another one with model=NAME"),
     (["optimizer._target_=builtins.exec"], "optimizer._target_ is fixed by the optimizer option"),

@@ -410,6 +410,7 @@ def check(config_name: str, overrides: list[str]) -> Checked:
     cfg = _apply(base, key_lines)
     _check_complete(cfg)
     _check_augmentation(cfg, key_overrides)
+    _check_sample_pairing(cfg)
     check_settings(cfg)
     # Every other choice of a sweep, one sweep at a time, the others at their first choice.
     for position, choices in enumerate(key_choices):
@@ -460,6 +461,19 @@ def _check_augmentation(cfg, key_overrides) -> None:
         if group == "data" and leaf in AUGMENTATION_KEYS and not override.is_delete():
             raise UserError(f"data.{leaf} acts only with data.augment=true (data={_select(cfg, 'data.name')} has "
                             "it false).")
+
+
+def _check_sample_pairing(cfg) -> None:
+    """SamplePairing that would never pair in this run (its schedule starts at or after the last epoch) is refused:
+    the paper's 100 plain epochs first suit CIFAR's long schedule, not a 6-epoch run, and the run would train as if
+    the option were not given."""
+    if _select(cfg, "data.sample_pairing") is not True:
+        return
+    start, epochs = _select(cfg, "data.pairing_start"), _select(cfg, "trainer.max_epochs")
+    if isinstance(start, int) and isinstance(epochs, int) and start >= epochs:
+        raise UserError(f"data.sample_pairing=true never pairs here: it starts at epoch data.pairing_start={start} "
+                        f"and the run trains trainer.max_epochs={epochs}; give data.pairing_start below {epochs} "
+                        "(e.g. data.pairing_start=1).")
 
 
 def _check_run_folder(cfg, config_name: str, parsed) -> None:
