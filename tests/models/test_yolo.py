@@ -1,6 +1,5 @@
 """YOLO v1–v3: exact sizes, outputs identical to the monolithic models of before, the detection contract, backbone
 and loss options, decoding, post-processing, hand-computed losses, overfitting."""
-import inspect
 import math
 
 import pytest
@@ -18,7 +17,7 @@ from cvlab.ops.postprocess import DetectionPostprocess, decode_anchor_boxes, dec
 from cvlab.utils.config import compose, read_option
 from cvlab.utils.errors import UserError
 from cvlab.utils.plugins import instantiate_plugin
-from detector_checks import sample_targets, train_steps, two_scenes
+from detector_checks import configurable_defaults, sample_targets, train_steps, two_scenes
 from fixtures import yolo_reference
 
 torch.set_num_threads(1)
@@ -335,7 +334,7 @@ def test_loss_configs_are_the_paper_losses_with_every_setting_written_out(option
     config = read_option("loss", option)
     assert (config.pop("name"), config.pop("task"), config.pop("_target_")) == (
         option, "detection", f"cvlab.losses.yolo.{LOSS_CONFIGS[option].__name__}")
-    defaults = {name: p.default for name, p in inspect.signature(LOSS_CONFIGS[option]).parameters.items()}
+    defaults = configurable_defaults(LOSS_CONFIGS[option])
     assert config == defaults  # the same settings as the model's default (loss=None)
 
 
