@@ -110,6 +110,7 @@ def test_list_prints_descriptions_as_written(cli):
     assert "train2017/val2017[/test2017]" in result.stdout.replace("\n", "")
 
 
+@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_cfg_job_passes_through_to_hydra(cli):
     result = cli("train", "model=resnet34", "optimizer=nesterov", "--cfg", "job")
     assert result.returncode == 0, result.stderr

@@ -62,6 +62,7 @@ def test_eval_restores_from_checkpoint_alone_and_reproduces_metrics(train_cfg, c
     assert not any(key.startswith("val/" if split == "test" else "test/") for key in scores)
 
 
+@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_eval_refuses_data_with_other_classes(train_cfg, cli, tmp_path):
     run_train(train_cfg(out=tmp_path / "run"))
     result = cli("eval", f"ckpt={tmp_path / 'run' / 'weights' / 'last.ckpt'}", "data=shapes", cwd=tmp_path)
