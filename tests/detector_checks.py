@@ -8,6 +8,9 @@ import inspect
 import torch
 from torch import nn
 
+from cvlab.layers.conv import ConvNormAct
+from cvlab.layers.rep import RepVGGBlock
+
 
 def sample_targets() -> list[dict]:
     """Two images' targets: two boxes of classes 0 and 2, and none."""
@@ -88,3 +91,16 @@ def configurable_defaults(loss_class: type) -> dict:
     """The defaults of ``loss_class``'s arguments that its loss config writes out (all but :data:`DATA_ARGUMENTS`)."""
     return {name: p.default for name, p in inspect.signature(loss_class).parameters.items()
             if name not in DATA_ARGUMENTS}
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """:meth:`ConvNormAct.fuse` on every conv-norm-act of ``model`` (in eval mode); how many folded their norm."""
+    return sum(module.fuse() for module in list(model.modules()) if isinstance(module, ConvNormAct))
+
+
+def reparameterize(model: nn.Module) -> int:
+    """:meth:`RepVGGBlock.fuse` on every RepVGG block of ``model`` not yet fused (eval mode); how many it fused."""
+    blocks = [block for block in model.modules() if isinstance(block, RepVGGBlock) and not hasattr(block, "reparam")]
+    for block in blocks:
+        block.fuse()
+    return sum(hasattr(block, "reparam") for block in blocks)

@@ -6,6 +6,7 @@ from cvlab.engine.builders import (
     build_task,
     build_trainer,
     checkpoint_datamodule,
+    inference_device,
     instantiate_dict,
     quiet_trainer,
 )
@@ -30,9 +31,10 @@ from cvlab.utils.config import EVAL_SPLITS as SPLITS
 __all__ = [
     "LATENCY_THREADS", "LATENCY_WARMUP", "SPLITS", "Column", "Stage", "StageContext", "StageResult", "anchors",
     "build_datamodule", "build_task", "build_trainer", "checkpoint_datamodule", "cpu_profile", "describe_model",
-    "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "instantiate_dict", "list_models", "model_task",
-    "output_dir", "quiet_lightning", "quiet_trainer", "restore_for_inference", "restore_task", "run_guarded",
-    "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain", "tune_overrides", "write_json",
+    "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "inference_device", "instantiate_dict",
+    "list_models", "model_task", "output_dir", "quiet_lightning", "quiet_trainer", "restore_for_inference",
+    "restore_task", "run_guarded", "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain", "tune_overrides",
+    "write_json",
     "PIPELINES", "run_ensemble", "run_pipeline", "run_rcnn",  # multi-stage methods of cvlab train (model=rcnn,
     # strategy=easy_ensemble / balance_cascade)
     "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study

@@ -34,6 +34,14 @@ def instantiate_data(data_cfg, **kwargs):
         raise
 
 
+def inference_device(setting: str = "auto"):
+    """The ``torch.device`` a read-only pass runs on: ``setting`` as given (cpu, cuda, cuda:1, ...), or for
+    ``auto`` a GPU when there is one (`cvlab predict` and `cvlab generate`'s ``device=``, an ensemble's members)."""
+    import torch
+
+    return torch.device(setting if setting != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_task(cfg: DictConfig, datamodule) -> BaseTask:
     """The registered task ``cfg.task.name``, built from the config and the (set up) datamodule."""
     return task_class(str(cfg.task.name)).from_config(cfg, datamodule)

@@ -49,7 +49,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cvlab.data.balanced import majority_classes
-from cvlab.engine.builders import build_datamodule
+from cvlab.engine.builders import build_datamodule, inference_device
 from cvlab.engine.runs import output_dir, quiet_lightning, say_run_dir, write_json
 from cvlab.engine.stages import Column, Stage, StageContext, run_stages
 from cvlab.engine.training import register_pipeline, run_train
@@ -203,12 +203,6 @@ class MemberOutput:
         return cls(predictions, next_pool)
 
 
-def inference_device(trainer_cfg: DictConfig) -> torch.device:
-    """The device the trainer config trains on: a GPU when it may use one and one is present."""
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    return torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
-
-
 @torch.inference_mode()
 def predict_probabilities(task, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """The task's class probabilities (its ``predict_step``) of every batch of ``loader``, with the labels:
@@ -268,7 +262,8 @@ def run_ensemble(cfg: DictConfig) -> tuple[dict, dict]:
     n_min, majority = int(counts.min()), majority_classes(counts)
     groups = frequency_groups(info.class_counts)
     rates = settings.rates(counts)
-    device = inference_device(cfg.trainer)
+    # the members' predictions run where they trained: the CPU if the trainer is told so, else a GPU if any
+    device = inference_device("cpu" if str(cfg.trainer.get("accelerator", "auto")) == "cpu" else "auto")
     name = METHODS[settings.method]
     if not majority:
         console.print(f"{name}: the training classes are balanced ({n_min} images each), so every member trains on "

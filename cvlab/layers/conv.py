@@ -9,7 +9,6 @@ written here.
 :meth:`ConvNormAct.fuse`, the fuse hook (:func:`cvlab.layers.rep.fuse_modules`, which `cvlab export`, `cvlab eval`
 and `cvlab predict` of a detector run), folds a conv-norm-act's eval-mode BatchNorm into its conv
 (``torch.nn.utils.fusion``): the deployed form of a CNN, one biased conv instead of conv → norm.
-:func:`fold_batch_norms` does it for every conv-norm-act of a model and counts them.
 """
 from __future__ import annotations
 
@@ -67,12 +66,6 @@ class ConvNormAct(nn.Sequential):
             raise RuntimeError("a conv's BatchNorm folds with its running statistics: call eval() first")
         self[0], self[1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
         return True
-
-
-def fold_batch_norms(model: nn.Module) -> int:
-    """:meth:`ConvNormAct.fuse` on every conv-norm-act of ``model`` (in eval mode); returns how many folded.
-    The outputs stay those of the unfolded eval-mode model up to float rounding."""
-    return sum(module.fuse() for module in list(model.modules()) if isinstance(module, ConvNormAct))
 
 
 def depthwise_conv(chs: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1, **kw) -> ConvNormAct:

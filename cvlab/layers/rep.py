@@ -151,10 +151,3 @@ def fuse_modules(network: nn.Module, include_root: bool = True) -> list[str]:
     network.train(network.training)  # the new modules (reparam convs, identities) start in training mode
     return [name for name, _ in hooks]
 
-
-def reparameterize(model: nn.Module) -> int:
-    """:meth:`RepVGGBlock.fuse` on every RepVGG block of ``model`` (in eval mode); returns how many it fused."""
-    blocks = [block for block in model.modules() if isinstance(block, RepVGGBlock) and not hasattr(block, "reparam")]
-    for block in blocks:
-        block.fuse()
-    return sum(hasattr(block, "reparam") for block in blocks)

@@ -6,17 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.engine import output_dir, quiet_lightning, restore_task, run_guarded, say_run_dir, write_json
+from cvlab.engine import (
+    inference_device,
+    output_dir,
+    quiet_lightning,
+    restore_task,
+    run_guarded,
+    say_run_dir,
+    write_json,
+)
 from cvlab.utils.console import console
 
 
 def run_generate(cfg: DictConfig) -> tuple[dict, dict]:
     quiet_lightning()
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device(str(cfg.device))
     ckpt = Path(str(cfg.ckpt)).expanduser()
     task = restore_task(ckpt).to(device).eval()
     out = output_dir(cfg)

@@ -18,11 +18,18 @@ from collections import Counter
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.engine import open_runner, output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
+from cvlab.engine import (
+    inference_device,
+    open_runner,
+    output_dir,
+    quiet_lightning,
+    run_guarded,
+    say_run_dir,
+    write_json,
+)
 from cvlab.utils.console import console, metrics_table
 from cvlab.utils.errors import UserError
 from cvlab.utils.images import IMAGE_EXTENSIONS
@@ -57,8 +64,7 @@ def image_ids(paths: list[Path]) -> dict[Path, int]:
 
 def run_predict(cfg: DictConfig) -> tuple[dict, dict]:
     quiet_lightning()
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    runner = open_runner(Path(str(cfg.ckpt)).expanduser(), device)
+    runner = open_runner(Path(str(cfg.ckpt)).expanduser(), inference_device(str(cfg.device)))
     paths, root = find_images(Path(str(cfg.source)).expanduser())
     if not 0 <= cfg.conf < 1:
         raise UserError(f"conf is a score threshold in [0, 1), got {cfg.conf}")

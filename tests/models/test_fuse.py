@@ -14,7 +14,7 @@ from torch import nn
 from conftest import FAST
 from cvlab.engine import restore_task, run_train
 from cvlab.engine.export import fuse_for_export
-from cvlab.layers.conv import ConvNormAct, fold_batch_norms
+from cvlab.layers.conv import ConvNormAct
 from cvlab.layers.norm import group_norm, layer_norm, no_norm
 from cvlab.layers.rep import RepVGGBlock
 from cvlab.models import create_model
@@ -24,7 +24,7 @@ from cvlab.run.eval import run_eval
 from cvlab.run.predict import run_predict
 from cvlab.tasks.detection import DetectionTask
 from cvlab.utils.config import compose
-from detector_checks import randomise_batch_norms
+from detector_checks import fold_batch_norms, randomise_batch_norms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

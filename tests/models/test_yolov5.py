@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou, complete_box_iou_loss
 
 from cvlab.engine.export import fuse_for_export
-from cvlab.layers.conv import ConvNormAct, fold_batch_norms
+from cvlab.layers.conv import ConvNormAct
 from cvlab.losses.yolo import YoloV3Loss, YoloV5Loss
 from cvlab.models import create_model, list_models
 from cvlab.models.backbones.yolov5 import C3, SPPF, CSPDarknetV5
@@ -27,6 +27,7 @@ from detector_checks import (
     assert_detection_contract,
     assert_losses_reach_every_parameter,
     configurable_defaults,
+    fold_batch_norms,
     randomise_batch_norms,
     sample_targets,
     train_steps,

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cvlab.engine.export import fuse_for_export
 from cvlab.layers.conv import ConvNormAct
-from cvlab.layers.rep import RepVGGBlock, reparameterize
+from cvlab.layers.rep import RepVGGBlock
 from cvlab.losses.yolo import YoloV5Loss
 from cvlab.losses.yolov6 import YoloV6Loss, siou_loss, varifocal_loss
 from cvlab.models import create_model, list_models
@@ -28,6 +28,7 @@ from detector_checks import (
     assert_detection_contract,
     assert_losses_reach_every_parameter,
     randomise_batch_norms,
+    reparameterize,
     sample_targets,
 )
 
