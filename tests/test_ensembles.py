@@ -239,7 +239,6 @@ def _assert_pools_follow_the_members(run, members: int) -> dict:
     return rows
 
 
-@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_cli_balance_cascade_trains_members_on_a_shrinking_pool_and_averages_them(cascade):
     run, result = cascade
     rows = _assert_pools_follow_the_members(run, 2)
@@ -277,7 +276,6 @@ def test_a_three_member_cascade_halves_the_log_count_each_member(train_cfg, tmp_
     _assert_ensemble_is_the_members_mean(out, 3)
 
 
-@pytest.mark.slow  # moved out of make test for its 10-minute budget; make test-slow runs it
 def test_a_member_checkpoint_evaluates_on_its_runs_splits(cascade):
     from cvlab.engine import checkpoint_datamodule, restore_task
 
