@@ -38,7 +38,7 @@ from cvlab.data.imbalance import (
     is_resampler,
     long_tail_indices,
     normal_labels,
-    pixel_budget,
+    vector_budget,
 )
 from cvlab.data.mixing import CutMixImages, MixupImages, SamplePairingImages
 from cvlab.data.shapes import SHAPE_CLASSES, ShapesClassification
@@ -524,11 +524,15 @@ class ClassificationDataModule(SplitDataModule):
     def _resampled(self, train: Dataset) -> Dataset:
         """The training images resampled by the imbalanced-learn sampler (:class:`Resampler`)."""
         resampler: Resampler = instantiate_plugin(self.resampling, labels=self.train_labels, seed=self.order_seed)
+        if resampler.space == "features":  # `cvlab train` runs it as stages whose data has no sampler
+            raise UserError(f"sampler={resampler.method} sampler.space=features re-trains a trained classifier's head "
+                            "on resampled embeddings, a pipeline of `cvlab train`; here the training images are read "
+                            "as they are: use sampler.space=pixels or sampler=none.")
         pixels = self._transform(train=False, normalise=False)
 
         def images() -> torch.Tensor:
             shape = (self.hparams.in_chans, self.hparams.image_size, self.hparams.image_size)
-            pixel_budget(len(train), shape, resampler.method)
+            vector_budget(len(train), shape, resampler.method)
             return torch.stack([pixels(image) for image, _ in train]).as_subclass(torch.Tensor)
 
         resampled = resampler.view(train, images)

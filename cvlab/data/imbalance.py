@@ -31,8 +31,12 @@ EasyEnsemble, at the model level.
   the 8x8 digits only: on large images pixel distances say little and interpolated pixels are ghosts. The selection
   methods give a subset again; the synthesising ones give the resampled pixel array itself (imbalanced-learn
   returns the originals and the new images together), whose images then take the training transform like any
-  other. ``sampler.space=features`` (SMOTE on a frozen encoder's embeddings, then re-training the classifier head)
-  is refused for now.
+  other.
+- ``sampler.space=features`` resamples embeddings instead, the inputs of a trained classifier's linear head: the
+  classifier re-training of Kang et al. 2020 with imbalanced-learn as its sampler, every method included. It is a
+  `cvlab train` pipeline (:mod:`cvlab.engine.feature_resampling`), whose stages read the data without a sampler;
+  a datamodule given a feature-space sampler accepts it (the command line's checks build one) but refuses to read.
+  :meth:`Resampler.resample` is the one imbalanced-learn call of both spaces.
 """
 from __future__ import annotations
 
@@ -70,8 +74,11 @@ _OWN_PARAMS = ("sampling_strategy", "random_state", "n_jobs", "shrinkage")
 _NEIGHBOURS_WITHIN_SMALLEST = {"smote": ("k_neighbors", 1), "smote_enn": ("k_neighbors", 1),
                                "nearmiss": ("n_neighbors", 0)}
 _DEFAULT_NEIGHBOURS = {"k_neighbors": 5, "n_neighbors": 3}  # imbalanced-learn's defaults
-# Pixel-space methods hold the flattened training images (and imbalanced-learn their resampled copy) in memory.
-MAX_PIXEL_VALUES = 2**26
+# Pixel- and feature-space methods hold the training images' vectors (flattened pixels, or embeddings) in memory, and
+# imbalanced-learn their resampled copy.
+MAX_VECTOR_VALUES = 2**26
+# The settings of the feature-space pipeline (:mod:`cvlab.engine.feature_resampling`), not imbalanced-learn's.
+FEATURE_SETTINGS = ("encoder", "head_epochs")
 
 
 # ------------------------------------------------------------------------------------------------- long tail
@@ -199,13 +206,17 @@ class Resampler:
     ``method`` is one of :data:`METHODS`; ``sampling_strategy`` and the method's own settings (``params``: NearMiss'
     ``version``, SMOTE's ``k_neighbors``...) are imbalanced-learn's, passed through with its meaning; SMOTE-ENN takes
     ``k_neighbors`` for its SMOTE and ``n_neighbors`` for its cleaning ENN. ``labels`` are the training labels and
-    ``seed`` the run's seed (imbalanced-learn's ``random_state``). ``space`` is where the neighbour-based methods
-    measure: ``pixels`` (``features`` is refused for now). Nothing is computed until :meth:`view`.
+    ``seed`` the run's seed (imbalanced-learn's ``random_state``). ``space`` is what is resampled: ``pixels`` (the
+    images, :meth:`view`) or ``features`` (embeddings, :meth:`resample`). ``encoder`` (a checkpoint whose network
+    gives the embeddings; None: a first stage trains one) and ``head_epochs`` (the classifier head's re-training)
+    are settings of the feature-space pipeline, which reads them from the config; they are only checked here.
+    Nothing is computed until :meth:`view` or :meth:`resample`.
     """
 
     def __init__(self, labels: Sequence[int], seed: int, method: str, space: str = "pixels",
-                 sampling_strategy: str | float | dict | list = "auto", **params: Any):
-        check_resampling({"method": method, "space": space, **params})
+                 sampling_strategy: str | float | dict | list = "auto", encoder: str | None = None,
+                 head_epochs: int = 10, **params: Any):
+        check_resampling({"method": method, "space": space, "encoder": encoder, "head_epochs": head_epochs, **params})
         self.labels = np.asarray(labels, dtype=np.int64)
         self.seed, self.method, self.space = int(seed), method, space
         self.sampling_strategy = _plain_strategy(sampling_strategy)
@@ -213,14 +224,27 @@ class Resampler:
         self.lowered = self._fit_neighbours()
 
     def _fit_neighbours(self) -> str:
-        """Lowers a neighbour count that the smallest class cannot supply (a long tail's last class may hold 2
-        images where imbalanced-learn's defaults need 6 for SMOTE, 3 for NearMiss) to the most it allows; returns
-        what was lowered, for the log ("" when nothing was)."""
+        """Lowers a neighbour count that the smallest resampled class cannot supply (a long tail's last class may
+        hold 2 images where imbalanced-learn's defaults need 6 for SMOTE, 3 for NearMiss) to the most it allows;
+        returns what was lowered, for the log ("" when nothing was). A class of one image cannot be interpolated:
+        refused, with the ``sampling_strategy`` that leaves it out."""
         if self.method not in _NEIGHBOURS_WITHIN_SMALLEST or not len(self.labels):
             return ""
         key, fewer = _NEIGHBOURS_WITHIN_SMALLEST[self.method]
-        smallest = int(np.bincount(self.labels)[np.unique(self.labels)].min())
+        counts = {int(label): int(count) for label, count in enumerate(np.bincount(self.labels)) if count}
+        resampled = self.sampling_strategy if isinstance(self.sampling_strategy, (dict, list)) else counts
+        smallest_class = min((label for label in resampled if label in counts), key=counts.get, default=None)
+        if smallest_class is None:
+            return ""  # imbalanced-learn says what is wrong with the strategy
+        smallest = counts[smallest_class]
         wanted, most = self.params.get(key, _DEFAULT_NEIGHBOURS[key]), smallest - fewer
+        if most < 1 and fewer:
+            largest = max(counts.values())
+            others = ",".join(f"{label}:{largest}" for label in counts if counts[label] not in (largest, 1))
+            fix = (f"leave it out with 'sampler.sampling_strategy={{{others}}}' (the others up to {largest}), or use "
+                   "sampler=random_over" if others else "use sampler=random_over")
+            raise UserError(f"sampler={self.method}: class {smallest_class} has 1 training image and SMOTE "
+                            f"interpolates between two or more of a class; {fix}.")
         if not (isinstance(wanted, int) and 1 <= most < wanted):
             return ""  # fits, or cannot fit at all (imbalanced-learn says why)
         self.params = {**self.params, key: most}
@@ -248,17 +272,23 @@ class Resampler:
             kwargs["random_state"] = self.seed
         return sampler_class(**kwargs, **self.params)
 
-    def view(self, dataset: Dataset, pixels: Callable[[], torch.Tensor]) -> Resampled:
-        """The resampled ``dataset`` (whose items are ``(image, label)`` with ``self.labels``). ``pixels`` gives the
-        images as ``Tensor[N, C, H, W]`` in [0, 1]; it is called only by the methods that need features."""
+    def resample(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """imbalanced-learn's ``fit_resample`` of ``features`` ``float[N, D]``, one row per label of ``self.labels``:
+        the resampled rows ``float[M, D]`` (for the synthesising methods the originals, then the new rows), their
+        labels ``int64[M]``, and for the selection methods the row each is (``sample_indices_``; else None)."""
         sampler = self.estimator()
-        images = pixels() if self.needs_features else None
-        features = images.flatten(1).numpy() if images is not None else np.arange(len(self.labels))[:, None]
         try:
             resampled, labels = sampler.fit_resample(features, self.labels)
         except ValueError as error:  # imbalanced-learn checks its settings and the strategy against the labels
             raise UserError(f"sampler={self.method}: imbalanced-learn refuses it: {first_line(error)}") from None
-        indices = getattr(sampler, "sample_indices_", None)
+        return resampled, labels, getattr(sampler, "sample_indices_", None)
+
+    def view(self, dataset: Dataset, pixels: Callable[[], torch.Tensor]) -> Resampled:
+        """The resampled ``dataset`` (whose items are ``(image, label)`` with ``self.labels``). ``pixels`` gives the
+        images as ``Tensor[N, C, H, W]`` in [0, 1]; it is called only by the methods that need features."""
+        images = pixels() if self.needs_features else None
+        features = images.flatten(1).numpy() if images is not None else np.arange(len(self.labels))[:, None]
+        resampled, labels, indices = self.resample(features)
         if indices is not None:  # a selection: the images themselves, some repeated
             return Resampled(Subset(dataset, indices.tolist()), labels.tolist())
         # The originals and the synthesised images together, as imbalanced-learn returns them.
@@ -279,30 +309,55 @@ def is_resampler(cfg: Mapping | None) -> bool:
     return isinstance(target, type) and issubclass(target, Resampler)
 
 
+def resamples_features(cfg: Mapping | None) -> bool:
+    """Whether a sampler config resamples embeddings (``sampler.space=features``): a pipeline of its own. A sampler
+    that draws among the images themselves (class_balanced...) has no feature space: a UserError."""
+    if not cfg or cfg.get("space", "pixels") != "features":
+        return False
+    if not is_resampler(cfg):
+        raise UserError(f"sampler={cfg.get('name', cfg.get('_target_'))} draws among the training images "
+                        "themselves and has no feature space; imbalanced-learn's samplers resample embeddings "
+                        f"({', '.join(METHODS)}): sampler=random_over sampler.space=features re-trains the head on "
+                        "class-balanced embeddings.")
+    return True
+
+
 def check_resampling(cfg: Mapping) -> None:
     """A resampler's ``method``, ``space`` and settings, before any data is read (one line each)."""
     method = cfg.get("method")
     check_choice("sampler.method", method, list(METHODS))
     space = cfg.get("space", "pixels")
     check_choice("sampler.space", space, SPACES)
-    if space == "features":
-        raise UserError(f"sampler.space=features (sampler={method} on a frozen encoder's embeddings, then "
-                        "re-training the classifier head) is not implemented yet; use sampler.space=pixels on small "
-                        "images such as digits, or for large images sampler=random_over / class_balanced or a "
-                        "class-imbalance loss (`cvlab list loss`).")
+    encoder = cfg.get("encoder")
+    if encoder is not None and space != "features":
+        raise UserError(f"sampler.encoder gives the network whose embeddings sampler.space=features resamples; "
+                        f"sampler.space={space} resamples the images themselves. Add sampler.space=features, or "
+                        "drop sampler.encoder.")
+    if encoder is not None and not (isinstance(encoder, str) and encoder.strip()):
+        raise UserError(f"sampler.encoder is the path of a cvlab checkpoint (runs/.../weights/best.ckpt), got "
+                        f"{encoder!r}.")
+    check_number("sampler.head_epochs", cfg.get("head_epochs", 10), 1, integer=True,
+                 hint=" (the epochs that re-train the classifier head on the resampled embeddings)")
     known = _settings(method)
     for key in cfg:
-        if key not in ("method", "space", "sampling_strategy", "_target_", "name", *known):
+        if key not in ("method", "space", "sampling_strategy", "_target_", "name", *FEATURE_SETTINGS, *known):
             raise UserError(f"sampler={method} has no setting {key!r}.{suggest(str(key), known)} Its imbalanced-learn "
                             f"settings: {', '.join(known) or 'none'}.")
 
 
-def pixel_budget(num_images: int, shape: Sequence[int], method: str) -> None:
-    """Refuses a pixel-space resampling whose images would not fit :data:`MAX_PIXEL_VALUES` values."""
+def vector_budget(num_images: int, shape: Sequence[int], method: str, space: str = "pixels") -> None:
+    """Refuses a resampling whose training vectors (images of ``shape`` in pixel space, embeddings of ``shape``
+    ``(D,)`` in feature space) would not fit :data:`MAX_VECTOR_VALUES` values."""
     values = num_images * math.prod(shape)
-    if values > MAX_PIXEL_VALUES:
-        size = "x".join(map(str, shape))
-        raise UserError(f"sampler={method} in pixel space needs the {num_images:,} training images of {size} in "
-                        f"memory ({values:,} values, over cvlab's {MAX_PIXEL_VALUES:,}), and SMOTE-like methods on "
-                        "raw pixels of large images are not sensible anyway; lower data.image_size, or use "
-                        "sampler=random_over / random_under / class_balanced or a class-imbalance loss.")
+    if values <= MAX_VECTOR_VALUES:
+        return
+    held = f"({values:,} values, over cvlab's {MAX_VECTOR_VALUES:,})"
+    if space == "features":
+        raise UserError(f"sampler={method} in feature space needs the {num_images:,} training embeddings of "
+                        f"{shape[0]:,} values in memory {held}; use a model with a smaller embedding, or "
+                        "sampler=class_balanced or a class-imbalance loss (`cvlab list loss`).")
+    size = "x".join(map(str, shape))
+    raise UserError(f"sampler={method} in pixel space needs the {num_images:,} training images of {size} in "
+                    f"memory {held}, and SMOTE-like methods on raw pixels of large images are not sensible anyway; "
+                    "use sampler.space=features (embeddings of a trained encoder), lower data.image_size, or use "
+                    "sampler=random_over / random_under / class_balanced or a class-imbalance loss.")

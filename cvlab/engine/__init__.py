@@ -13,6 +13,7 @@ from cvlab.engine.builders import (
 from cvlab.engine.checkpoints import restore_for_inference, restore_task
 from cvlab.engine.ensembles import run_ensemble  # registers strategy=easy_ensemble / balance_cascade
 from cvlab.engine.export import ExportCheckFailed, export_checkpoint, open_runner
+from cvlab.engine.feature_resampling import run_feature_resampling  # registers sampler.space=features
 from cvlab.engine.profiling import LATENCY_THREADS, LATENCY_WARMUP, cpu_profile, describe_model
 from cvlab.engine.rcnn import run_rcnn  # registers the R-CNN pipeline that run_train runs for model=rcnn
 from cvlab.engine.runs import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
@@ -35,8 +36,8 @@ __all__ = [
     "list_models", "model_task", "output_dir", "quiet_lightning", "quiet_trainer", "restore_for_inference",
     "restore_task", "run_guarded", "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain", "tune_overrides",
     "write_json",
-    "PIPELINES", "run_ensemble", "run_pipeline", "run_rcnn",  # multi-stage methods of cvlab train (model=rcnn,
-    # strategy=easy_ensemble / balance_cascade)
+    "PIPELINES", "run_ensemble", "run_feature_resampling", "run_pipeline", "run_rcnn",  # multi-stage methods of
+    # cvlab train (model=rcnn, strategy=easy_ensemble / balance_cascade, sampler.space=features)
     "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study
     "ExportCheckFailed", "export_checkpoint", "open_runner",  # cvlab export; cvlab predict of a checkpoint or export
 ]

@@ -25,9 +25,11 @@ def evaluate(trainer, task, datamodule, split: str, ckpt_path: str | None = None
 
 
 # Multi-stage methods that `cvlab train` runs instead of one fit, by the name in a model config's ``pipeline``
-# (``model=rcnn``: :mod:`cvlab.engine.rcnn`) or a ``strategy`` option's name (``strategy=easy_ensemble``:
-# :mod:`cvlab.engine.ensembles`); each registers itself with :func:`register_pipeline`.
+# (``model=rcnn``: :mod:`cvlab.engine.rcnn`), a ``strategy`` option's name (``strategy=easy_ensemble``:
+# :mod:`cvlab.engine.ensembles`) or, for ``sampler.space=features``, :data:`FEATURE_PIPELINE`
+# (:mod:`cvlab.engine.feature_resampling`); each registers itself with :func:`register_pipeline`.
 PIPELINES: dict[str, Callable[[DictConfig], tuple[dict, dict]]] = {}
+FEATURE_PIPELINE = "feature_resampling"
 
 
 def register_pipeline(name: str):
@@ -45,8 +47,11 @@ def register_pipeline(name: str):
 
 def pipeline_of(cfg: DictConfig) -> tuple[str, str] | None:
     """The multi-stage method ``cfg`` runs instead of one fit, as ``(setting, name)``: its model's
-    ``model.pipeline.name`` or its ``strategy`` (``strategy.name`` other than none); None for one fit."""
+    ``model.pipeline.name``, its ``strategy`` (``strategy.name`` other than none) or a sampler that resamples
+    embeddings (``sampler.space=features``: :mod:`cvlab.engine.feature_resampling`); None for one fit."""
+    from cvlab.data.imbalance import resamples_features
     from cvlab.utils.errors import UserError
+    from cvlab.utils.plugins import plain_config
 
     strategy = cfg.get("strategy")
     strategy = str(strategy.get("name", "none")) if strategy is not None else "none"
@@ -55,7 +60,9 @@ def pipeline_of(cfg: DictConfig) -> tuple[str, str] | None:
             raise UserError(f"model={cfg.model.name} is a pipeline of its own; strategy={strategy} ensembles single "
                             "classifiers. Leave strategy=none.")
         return "model.pipeline.name", str(cfg.model.pipeline.get("name"))
-    return ("strategy", strategy) if strategy != "none" else None
+    if strategy != "none":
+        return "strategy", strategy
+    return ("sampler.space", FEATURE_PIPELINE) if resamples_features(plain_config(cfg.get("sampler"))) else None
 
 
 def run_pipeline(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
@@ -67,7 +74,8 @@ def run_pipeline(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:
         raise UserError(f"{setting}={name!r} is no pipeline.{suggest(name, PIPELINES)} Pipelines: "
                         f"{', '.join(sorted(PIPELINES))}.")
     if extra_callbacks:
-        chosen = f"strategy={name}" if setting == "strategy" else f"model={cfg.model.name}"
+        chosen = {"strategy": f"strategy={name}", "sampler.space": "sampler.space=features"}.get(
+            setting, f"model={cfg.model.name}")
         raise UserError(f"{chosen} trains as separate stages ({name}), which take no extra training callbacks "
                         "(cvlab tune prunes single fits only).")
     return PIPELINES[name](cfg)

@@ -268,13 +268,13 @@ def _why_absent(key: str, option: str, option_keys_: set[str]) -> str:
 
 def _unknown_key(key: str, cfg, group_names: list[str]) -> UserError:
     parent, _, leaf = key.rpartition(".")
-    if parent == "data" and _select(cfg, "data.name"):
-        option = str(_select(cfg, "data.name"))
-        owners = [o for o in options("data") if leaf in option_keys("data", o)]
-        if owners and option in options("data"):
-            reason = _why_absent(leaf, option, option_keys("data", option))
-            return UserError(f"data.{leaf} does not apply to data={option}{f' ({reason})' if reason else ''}; "
-                             f"it is a setting of data={', '.join(owners)}.")
+    if parent in ("data", "sampler") and _select(cfg, f"{parent}.name"):
+        option = str(_select(cfg, f"{parent}.name"))
+        owners = [o for o in options(parent) if leaf in option_keys(parent, o)]
+        if owners and option in options(parent):
+            reason = _why_absent(leaf, option, option_keys(parent, option)) if parent == "data" else ""
+            return UserError(f"{parent}.{leaf} does not apply to {parent}={option}{f' ({reason})' if reason else ''}; "
+                             f"it is a setting of {parent}={', '.join(owners)}.")
     node = _select(cfg, parent) if parent else cfg
     siblings = [f"{parent}.{k}" if parent else k for k in (node.keys() if hasattr(node, "keys") else [])]
     group = key.partition(".")[0]

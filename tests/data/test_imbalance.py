@@ -204,7 +204,8 @@ def test_resampling_is_seeded_by_the_run_seed():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"space": "features"}, r"sampler.space=features .* is not implemented yet; use sampler.space=pixels"),
+    ({"encoder": "best.ckpt"}, r"sampler.encoder gives the network whose embeddings sampler.space=features "
+                               r"resamples; sampler.space=pixels resamples the images themselves"),
     ({"space": "voxels"}, r"sampler.space is one of pixels, features; got 'voxels'"),
     ({"k_neighbours": 3}, r"sampler=smote has no setting 'k_neighbours'. Did you mean k_neighbors"),
 ])
@@ -213,13 +214,26 @@ def test_bad_sampler_settings_are_refused_before_reading(settings, message):
         ClassificationDataModule(**DIGITS, sampler=_sampler("smote", **settings))
 
 
+def test_a_class_of_one_image_is_refused_with_the_strategy_that_leaves_it_out():
+    labels = [0] * 6 + [1] * 3 + [2]
+    with pytest.raises(UserError, match=r"sampler=smote: class 2 has 1 training image .*"
+                                        r"'sampler.sampling_strategy=\{1:6\}' \(the others up to 6\)"):
+        Resampler(labels, seed=0, method="smote")
+    # The suggested strategy is taken: class 1 grows to 6 by interpolation (k lowered to its 3 images - 1).
+    resampler = Resampler(labels, seed=0, method="smote", sampling_strategy={"1": 6})
+    assert resampler.lowered == "k_neighbors 5 -> 2 (the smallest class has 3 images)"
+    features = np.arange(10, dtype=float)[:, None]
+    _, resampled_labels, _ = resampler.resample(features)
+    assert np.bincount(resampled_labels).tolist() == [6, 6, 1]
+
+
 def test_imbalanced_learns_own_refusals_are_one_line():
     with pytest.raises(UserError, match=r"sampler=nearmiss: imbalanced-learn refuses it: .*version.*Got 4"):
         _setup(sampler=_sampler("nearmiss", version=4))
 
 
 def test_pixel_space_memory_is_bounded(monkeypatch):
-    monkeypatch.setattr("cvlab.data.imbalance.MAX_PIXEL_VALUES", 1000)
+    monkeypatch.setattr("cvlab.data.imbalance.MAX_VECTOR_VALUES", 1000)
     with pytest.raises(UserError, match=r"sampler=smote in pixel space needs the 1,257 training images of 1x8x8"):
         _setup(sampler=_sampler("smote"))
     assert len(_setup(sampler=_sampler("random_over")).train_set) == 1280  # label-only: no pixels held
@@ -238,7 +252,9 @@ def test_sampler_list_says_where_smote_makes_sense():
 
     for name in ("smote", "smote_enn"):
         assert "small images" in describe("sampler", name) and "not sensible" in describe("sampler", name)
-    assert Resampler([0, 1], 0, "smote").needs_features and not Resampler([0, 1], 0, "random_over").needs_features
+        assert "sampler.space=features" in describe("sampler", name)
+    assert Resampler([0, 0, 1, 1], 0, "smote").needs_features
+    assert not Resampler([0, 0, 1, 1], 0, "random_over").needs_features
 
 
 # ----------------------------------------------------------------------------------------------- augmentation
