@@ -285,3 +285,13 @@ def test_feature_space_runs_only_as_the_train_pipeline(train_cfg):
     with pytest.raises(UserError, match=r"sampler.space=features trains as separate stages \(feature_resampling\), "
                                         r"which take no extra training callbacks"):
         run_train(train_cfg(*FEATURES), extra_callbacks=[object()])
+
+
+def test_cvlab_distill_refuses_feature_space_before_training(tmp_path):
+    from cvlab.run.distill import run_distill
+    from cvlab.utils.config import compose
+
+    cfg = compose("distill", ["sampler=smote", "sampler.space=features", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(UserError, match="sampler=smote sampler.space=features re-trains a classifier's head"):
+        run_distill(cfg)
+    assert not any(tmp_path.iterdir())  # refused before the teacher's stage wrote anything
