@@ -262,8 +262,24 @@ class BaseTask(pl.LightningModule):
             self._network_compiled = True
 
     # ------------------------------------------------------------------------------------------ optimisation
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's param groups: every parameter in the first, at the optimizer option's settings, except the
+        model's ``no_weight_decay()`` names (timm's hook: a set of the model's parameter names), which go in a second
+        group, ``no_weight_decay``, at weight decay 0 (YOLOv7's implicit layers, as its train.py's ``pg0``)."""
+        hook = getattr(self.model, "no_weight_decay", None)
+        exempt = {f"model.{name}" for name in hook()} if hook is not None else set()
+        named = dict(self.named_parameters())
+        unknown = sorted(exempt - set(named))
+        if unknown:
+            raise ValueError(f"{type(self.model).__name__}.no_weight_decay() names parameters it has not: {unknown}")
+        groups = [{"params": [p for name, p in named.items() if name not in exempt]}]
+        if exempt:
+            groups.append({"name": "no_weight_decay", "params": [named[name] for name in sorted(exempt)],
+                           "weight_decay": 0.0})
+        return groups
+
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        optimizer = instantiate(self.hparams.optimizer)(self.optimizer_param_groups())
         plan = self.hparams.scheduler or {}
         if not plan.get("scheduler"):
             self._warn_about_training(optimizer)

@@ -14,9 +14,10 @@ YOLOv7 predicts at three scales (strides 8, 16, 32) with 3 anchors each. Its par
   :class:`~cvlab.layers.rep.RepVGGBlock`, ``rep_conv``; tiny: a conv), then the *implicit knowledge* of YOLOR
   (Wang, Yeh & Liao 2021, "You Only Learn One Representation"): a learned per-channel offset added to the output
   conv's input (:class:`ImplicitAdd`, ``ImplicitA``) and a learned per-channel scale of its output
-  (:class:`ImplicitMul`, ``ImplicitM``); ``implicit=False`` is the plain ``Detect``. Boxes decode as YOLOv5's
-  (``2σ(t) − 0.5`` in the cell, ``pw · (2σ(tw))²``); the output biases start as YOLOv7's (objectness
-  ``log(8 / (640 / stride)²)``, classes ``log(0.6 / (C − 0.99))``), its weights small (std 0.01);
+  (:class:`ImplicitMul`, ``ImplicitM``), both trained without weight decay (:meth:`YOLOv7.no_weight_decay`);
+  ``implicit=False`` is the plain ``Detect``. Boxes decode as YOLOv5's (``2σ(t) − 0.5`` in the cell,
+  ``pw · (2σ(tw))²``); the output biases start as YOLOv7's (objectness ``log(8 / (640 / stride)²)``, classes
+  ``log(0.6 / (C − 0.99))``), its weights small (std 0.01);
 - loss: :class:`~cvlab.losses.yolo.YoloV7Loss`, YOLOv5's terms on SimOTA-style dynamic-k positives.
 
 ``aux_head=True`` adds the auxiliary head of YOLOv7's P6 training cfgs (``IAuxDetect``, yolov7-w6.yaml): per level
@@ -28,7 +29,8 @@ weight. It runs in training only and is dropped from the deployed form, as the d
 into one 3×3 conv, the implicit layers folded into the output convs (``IDetect.fuse``: ``W(x + a) + b =
 Wx + (Wa + b)``, then ``m ⊙ (Wx + b') = (m ⊙ W)x + m ⊙ b'``), every BatchNorm folded into its conv and the auxiliary
 head removed; its outputs equal the training form's eval outputs up to float rounding. Anchors are pixels at the
-input size: the cfgs' (yolov7: YOLOv4's; tiny: YOLOv5's), for 640 px, are rescaled to ``image_size``.
+input size: the cfgs' (yolov7: YOLOv4's; tiny: YOLOv5's) keep their sizes at every ``image_size``, as the
+reference's do (SimOTA's dynamic k needs anchors at least as large as their cells; see ``YOLOv7.__init__``).
 ``backbone=<zoo name>`` replaces the trunk.
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ from cvlab.models.necks.yolov7_pan import ELANPAN
 from cvlab.ops.postprocess import DetectionPostprocess
 from cvlab.utils.errors import UserError
 
-# The cfgs' anchors, (w, h) in pixels of a 640 px input, P3 to P5.
+# The cfgs' anchors, (w, h) in pixels (at any input size), P3 to P5.
 _ANCHORS = {
     "yolov7": ((12, 16), (19, 36), (40, 28), (36, 75), (76, 55), (72, 146), (142, 110), (192, 243), (459, 401)),
     "yolov7_tiny": ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326)),
@@ -165,11 +167,11 @@ class YOLOv7(AnchorYolo):
 
     Args:
         tiny: build YOLOv7-tiny.
-        image_size: the training input size (a multiple of 32); it scales the default anchors from 640 px.
+        image_size: the training input size (a multiple of 32); the default anchors keep their pixel sizes at it.
         width: channel multiplier of the trunk, neck and head (``parse_model``'s rounding to multiples of 8).
         backbone: None for the ELAN trunk, or the name of a zoo classification backbone (its last three stages).
         anchors: list of (w, h) in pixels at ``image_size`` (a multiple of 3; sorted by area, the smallest go to
-            the finest scale). Default: the cfg's rescaled from 640 px to ``image_size``.
+            the finest scale). Default: the cfg's, in pixels as the cfg gives them for any ``image_size``.
         implicit: IDetect's implicit layers (False: plain Detect).
         rep_conv: RepConv as the head's 3×3 blocks (yolov7's; False: conv-norm-act, yolov7-tiny's).
         aux_head: the auxiliary head with lead-guided assignment (training only; needs a
@@ -193,7 +195,14 @@ class YOLOv7(AnchorYolo):
         if aux_head and not isinstance(loss, YoloV7Loss):
             raise UserError(f"{name}'s aux_head trains with the lead-guided assignment of loss=yolov7, which "
                             f"{type(loss).__name__} has not: choose loss=yolov7, or model.aux_head=false.")
-        anchor_wh = anchors_for(anchors, _ANCHORS[name], image_size, RELEASE_IMAGE_SIZE)
+        # The cfg's anchors keep their pixel sizes at every input size, as in the reference (they are pixels on the
+        # strides' grid, which --img leaves alone; its autoanchor replaces them only where they fit the boxes
+        # badly: here model.anchors=auto). Rescaled with the input (the other anchor YOLOs' default) they shrink
+        # below their cells: at 128 px P5's 23×18 on 32 px cells. At the start of training a candidate's box is its
+        # anchor at its cell's centre, so an object's best IoUs then sum to ~1 and SimOTA's dynamic k gives it a
+        # single positive, most often on P5 (the largest objectness prior); yolov7_tiny learned 4× slower than
+        # yolov5n per epoch (shapes_det, 128 px). Kept at their pixel sizes, k is ~4, on P3 and P4.
+        anchor_wh = anchors_for(anchors, _ANCHORS[name], image_size, release_size=image_size)
         if len(anchor_wh) % _NUM_LEVELS:
             raise ValueError(f"{len(anchor_wh)} anchors cannot be split evenly over {_NUM_LEVELS} scales")
         anchor_wh = anchor_wh[anchor_wh.prod(dim=1).argsort()]
@@ -224,6 +233,12 @@ class YOLOv7(AnchorYolo):
         for part in (neck, head, self.aux_head):  # AnchorYolo starts them with Darknet's init; YOLOv7 keeps PyTorch's
             if part is not None:
                 reset_to_pytorch_defaults(part)
+
+    def no_weight_decay(self) -> set[str]:
+        """The implicit layers' parameter names, which the task's optimiser trains without weight decay (timm's
+        hook), as YOLOv7's train.py does (its ``pg0``): decay would pull ImplicitM's scales, started at 1, towards 0,
+        and every head output with them."""
+        return {f"{name}.implicit" for name, module in self.named_modules() if isinstance(module, Implicit)}
 
     def forward_raw(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Tensor[N, 3, H, W] → per level Tensor[N, A, H_l, W_l, 5 + C]: the lead head's levels, followed in
