@@ -108,7 +108,7 @@ class RCNN(nn.Module):
         super().__init__()
         self.num_classes, self.warp_size, self.context = num_classes, warp_size, float(context)
         self.padding = context_padding(warp_size, context)
-        self.proposals = proposal_settings(proposals)
+        self.proposal_settings = proposal_settings(proposals)
         self.conf_thresh, self.iou_thresh, self.max_det = conf_thresh, iou_thresh, max_det
         self.cnn = region_cnn(backbone, num_classes, warp_size, backbone_args, norm_layer, act_layer, attn_layer)
         # The (K + 1)-way classifier only served the fine-tuning: the SVMs read its input.
@@ -150,12 +150,12 @@ class RCNN(nn.Module):
             raise RuntimeError("R-CNN's detector is assembled from stages trained apart (`cvlab train model=rcnn`); "
                                "it has no training forward: call it in eval mode")
         if proposals is None:
-            proposals = [compute_proposals(image, self.proposals) for image in images]
+            proposals = [compute_proposals(image, self.proposal_settings) for image in images]
         return [self.detect(image, boxes) for image, boxes in zip(images, proposals)]
 
     def extra_repr(self) -> str:
         return (f"warp_size={self.warp_size}, context={self.context:g} (padding {self.padding:.2f} px), "
-                f"proposals={self.proposals}, conf_thresh={self.conf_thresh}, iou_thresh={self.iou_thresh}, "
+                f"proposals={self.proposal_settings}, conf_thresh={self.conf_thresh}, iou_thresh={self.iou_thresh}, "
                 f"max_det={self.max_det}")
 
 
