@@ -284,6 +284,8 @@ def _model_alternative(model: str, key: str, value):
              "rpn_nms_thresh": 0.6, "sampling_ratio": 2, "box_batch_size_per_image": 128,
              "box_positive_fraction": 0.5, "box_score_thresh": 0.1, "box_nms_thresh": 0.6, "box_detections_per_img": 50,
                  "ohem_rois": 16, "ohem_nms": 0.5, "box_ohem_rois": 16, "box_ohem_nms": 0.5,
+             "focal_gamma": 2.0, "focal_alpha": 0.5, "rpn_focal_gamma": 2.0, "rpn_focal_alpha": 0.5,
+             "box_focal_gamma": 2.0, "box_focal_alpha": 0.5,
              # the GANs' (progan, stylegan, stylegan2)
              "conditional": not value, "latent_dim": 64, "w_dim": 64, "fmap_base": 256, "fmap_max": 64,
              "progressive": not value, "kimg_per_phase": 3.0, "pixel_norm": not value, "equalized_lr": not value,

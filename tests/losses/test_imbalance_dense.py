@@ -1,7 +1,8 @@
 """Imbalance options of the dense tasks against hand computations (issue 14, loss level): the sigmoid focal loss and
 class weights of the YOLO class / objectness terms (v3, v4, v5, v7), pixel OHEM (MMSegmentation's OHEMPixelSampler
-rule) and class-weighted pixel cross-entropy for segmentation, OHEM over the RoIs of Fast / Faster R-CNN; each as a
-config option that reaches a one-step training run and takes effect there."""
+rule) and class-weighted pixel cross-entropy for segmentation, OHEM over the RoIs of Fast / Faster R-CNN and the
+sigmoid focal loss of their RPN objectness and box classifier; each as a config option that reaches a one-step
+training run and takes effect there."""
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ from cvlab.data.base import IGNORE_INDEX
 from cvlab.losses.segmentation import OHEMPixelCrossEntropy, WeightedPixelCrossEntropy
 from cvlab.losses.yolo import BinaryTerms, YoloV3Loss, YoloV4Loss, YoloV5Loss, YoloV7Loss
 from cvlab.models.heads.roi_heads import BoxPredictor, RoIHeads, RoIPooler, TwoMLPHead
+from cvlab.models.heads.rpn import AnchorGenerator, RegionProposalNetwork, RPNHead
 from cvlab.ops.postprocess import decode_anchor_boxes
 from cvlab.utils.errors import UserError
 
@@ -333,4 +335,137 @@ def test_a_faster_rcnn_run_backpropagates_the_hardest_rois(train_cfg, monkeypatc
          "model.box_ohem_rois=8", *ONE_STEP])))
     assert built["task"].model.roi_heads.ohem_rois == 8
     assert counted == [16]  # one step: 8 RoIs of each of the 2 images, of the 512 sampled per image without OHEM
+    assert math.isfinite(metrics["val/map_50"])
+
+
+# ------------------------------------------------------------------------------------------------ R-CNN focal
+def test_the_rpn_focal_objectness_by_hand():
+    rpn = RegionProposalNetwork(AnchorGenerator([[8]], [1.0]), RPNHead(4, 1))
+    # One object; anchor 0 is it (positive), anchors 1 and 2 miss it (negative, IoU 0), anchor 3 half covers it
+    # (IoU 0.5: neither, never scored). The 256-anchor budget samples all three.
+    anchors = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [0, 0, 10, 20]])
+    objectness = torch.tensor([[1.5, -2.0, 0.5, 3.0]])
+    deltas, targets = torch.zeros(1, 4, 4), [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([0])}]
+    scored, labels = objectness[0, :3], torch.tensor([1.0, 0.0, 0.0])
+    plain = rpn.loss(objectness, deltas, anchors, targets)
+    bce = F.binary_cross_entropy_with_logits(scored, labels, reduction="none")
+    assert plain["loss_objectness"].item() == pytest.approx(bce.mean().item(), rel=1e-6)  # the paper's, as before
+    for gamma, alpha in ((2.0, 0.25), (1.5, None), (0.0, 0.5)):
+        rpn.focal_gamma, rpn.focal_alpha = gamma, alpha
+        found = rpn.loss(objectness, deltas, anchors, targets)
+        # averaged over the 3 sampled anchors, as the BCE is
+        expected = hand_focal(scored, labels, gamma, alpha).mean()
+        assert found["loss_objectness"].item() == pytest.approx(expected.item(), rel=1e-6)
+        reference = sigmoid_focal_loss(scored, labels, -1 if alpha is None else alpha, gamma, reduction="mean")
+        assert found["loss_objectness"].item() == pytest.approx(reference.item(), rel=1e-6)
+        assert found["loss_objectness"].item() != pytest.approx(bce.mean().item(), rel=1e-2)
+        assert found["loss_rpn_box_reg"] == plain["loss_rpn_box_reg"]
+    # γ = 0 without α: the BCE itself
+    rpn.focal_gamma, rpn.focal_alpha = 0.0, None
+    assert rpn.loss(objectness, deltas, anchors, targets)["loss_objectness"].item() == pytest.approx(bce.mean().item())
+    with pytest.raises(UserError, match="^the RPN's focal_gamma must be a number >= 0 or null"):
+        RegionProposalNetwork(AnchorGenerator([[8]], [1.0]), RPNHead(4, 1), focal_gamma=-1.0)
+
+
+def _focal_roi_heads(gamma: float | None, alpha: float | None = 0.25) -> RoIHeads:
+    torch.manual_seed(0)
+    return RoIHeads(RoIPooler([8], 2, "align"), TwoMLPHead(4 * 2 * 2, 16), BoxPredictor(16, 2, background=False),
+                    focal_gamma=gamma, focal_alpha=alpha)
+
+
+# Four RoIs of a K = 2 head: class 0 (label 1), background, class 1 (label 2), background.
+ROI_LOGITS = torch.tensor([[2.0, -1.0], [-3.0, 0.5], [0.2, 0.1], [-1.0, -2.0]])
+ROI_LABELS = torch.tensor([1, 0, 2, 0])
+ONE_HOT = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # background: all zeros
+
+
+def test_the_focal_box_classifier_by_hand():
+    deltas, regression = torch.zeros(4, 12), torch.zeros(4, 4)
+    regression[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    softmax_heads = _roi_heads(ohem_rois=0)
+    plain = softmax_heads.loss(torch.zeros(4, 3), deltas, ROI_LABELS, regression)
+    for gamma, alpha in ((2.0, 0.25), (1.5, None), (0.0, 0.75)):
+        heads = _focal_roi_heads(gamma, alpha)
+        found = heads.loss(ROI_LOGITS, deltas, ROI_LABELS, regression)
+        terms = hand_focal(ROI_LOGITS, ONE_HOT, gamma, alpha)
+        # summed over the classes, averaged over the 4 sampled RoIs (as the cross-entropy is)
+        assert found["loss_classifier"].item() == pytest.approx(terms.sum().item() / 4, rel=1e-6)
+        reference = sigmoid_focal_loss(ROI_LOGITS, ONE_HOT, -1 if alpha is None else alpha, gamma, reduction="sum")
+        assert found["loss_classifier"].item() == pytest.approx(reference.item() / 4, rel=1e-6)
+        # OHEM ranks each RoI by its focal terms summed over the classes; the box loss is the softmax head's
+        classifier, box = heads.roi_losses(ROI_LOGITS, deltas, ROI_LABELS, regression)
+        torch.testing.assert_close(classifier, terms.sum(1))
+        assert found["loss_box_reg"] == plain["loss_box_reg"] and found["loss_box_reg"] > 0
+    # γ = 0 without α: the BCE of the K sigmoid outputs, summed over the classes, averaged over the RoIs
+    bce = F.binary_cross_entropy_with_logits(ROI_LOGITS, ONE_HOT, reduction="sum") / 4
+    assert _focal_roi_heads(0.0, None).loss(ROI_LOGITS, deltas, ROI_LABELS, regression)[
+        "loss_classifier"].item() == pytest.approx(bce.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="background=False"):
+        RoIHeads(RoIPooler([8], 2), TwoMLPHead(16, 16), BoxPredictor(16, 2), focal_gamma=2.0)
+    with pytest.raises(UserError, match="^the RoI head's focal_alpha must be a number in"):
+        _focal_roi_heads(2.0, 1.5)
+
+
+def test_the_focal_box_classifier_scores_each_class_by_its_sigmoid():
+    heads = _focal_roi_heads(2.0).eval()
+    proposals = [torch.tensor([[10.0, 10, 30, 30], [40, 40, 60, 60]])]
+    logits = torch.tensor([[3.0, 2.5], [-4.0, 0.0]])
+    (found,) = heads.postprocess(logits, torch.zeros(2, 12), proposals, (64, 64))
+    # The RoIs' classes above 0.05, best first, 0-based: sigmoid(3), sigmoid(2.5), sigmoid(0). A softmax would
+    # share one RoI's probability among its classes (0.62 and 0.38 for the first).
+    assert found["labels"].tolist() == [0, 1, 1]
+    assert found["scores"].tolist() == pytest.approx(torch.sigmoid(torch.tensor([3.0, 2.5, 0.0])).tolist())
+    torch.testing.assert_close(found["boxes"], proposals[0][[0, 0, 1]])  # zero deltas: the proposals
+
+
+def test_a_faster_rcnn_run_trains_with_the_focal_heads(train_cfg, monkeypatch):
+    from cvlab.cli import complete_task
+    from cvlab.engine import run_train
+
+    recorded = []
+    loss = RoIHeads.loss
+
+    def recording(self, class_logits, box_deltas, labels, regression_targets):
+        found = loss(self, class_logits, box_deltas, labels, regression_targets)
+        if self.training:
+            recorded.append((class_logits.detach(), labels, found["loss_classifier"].item()))
+        return found
+
+    monkeypatch.setattr(RoIHeads, "loss", recording)
+    metrics, built = run_train(train_cfg(*complete_task(
+        ["model=faster_rcnn", "data.image_size=64", "data.train_size=4", "data.val_size=2", "data.batch_size=2",
+         "model.rpn_focal_gamma=2.0", "model.box_focal_gamma=1.5", "model.box_focal_alpha=null", *ONE_STEP])))
+    model = built["task"].model
+    assert (model.rpn.focal_gamma, model.rpn.focal_alpha) == (2.0, 0.25)
+    assert model.roi_heads.box_predictor.cls_score.out_features == model.num_classes == 5  # no background logit
+    # The step's classifier loss: the focal terms of its K = 5 sigmoid outputs, summed per RoI, averaged.
+    ((logits, labels, found),) = recorded
+    one_hot = F.one_hot(labels, 6)[:, 1:].float()
+    assert logits.shape[1] == 5 and 0 < int((labels > 0).sum()) < len(labels)
+    expected = hand_focal(logits, one_hot, 1.5, None).sum(1).mean()
+    assert found == pytest.approx(expected.item(), rel=1e-5)
+    assert found != pytest.approx(F.cross_entropy(F.pad(logits, (1, 0)), labels).item(), rel=1e-2)
+    # The RPN's objectness on a validation batch, the same anchors sampled: focal, not the BCE.
+    images, targets = next(iter(built["datamodule"].val_dataloader()))
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        focal = model(images, targets)
+        model.rpn.focal_gamma = None
+        torch.manual_seed(0)
+        bce = model(images, targets)
+    assert focal["loss_rpn_box_reg"] == bce["loss_rpn_box_reg"]
+    assert focal["loss_objectness"].item() != pytest.approx(bce["loss_objectness"].item(), rel=1e-2)
+    # Eval keeps the detection contract: a list of dicts, 0-based labels, scores in (0, 1] (every score: after one
+    # step most are below the 0.05 threshold).
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        detections = model(images)
+    assert len(detections) == len(images) and all(set(d) == {"boxes", "scores", "labels"} for d in detections)
+    for found in detections:
+        assert 0 < len(found["scores"]) <= 100 and found["labels"].dtype == torch.int64
+        assert ((found["labels"] >= 0) & (found["labels"] < 5)).all()
+        assert ((found["scores"] > 0) & (found["scores"] <= 1)).all()
+        assert (found["scores"][:-1] >= found["scores"][1:]).all()
     assert math.isfinite(metrics["val/map_50"])

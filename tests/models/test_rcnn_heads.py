@@ -54,9 +54,15 @@ def assert_detections(detections, count, num_classes, size=64):
         assert (found["scores"][:-1] >= found["scores"][1:]).all()  # best first
 
 
+FASTER_LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+
+
 @pytest.mark.parametrize("name, kwargs, loss_keys", [
-    ("faster_rcnn", SMALL_FASTER, {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}),
+    ("faster_rcnn", SMALL_FASTER, FASTER_LOSSES),
     ("fast_rcnn", SMALL_FAST, {"loss_classifier", "loss_box_reg"}),
+    # the focal heads (issue 14): K sigmoid class outputs, scores still in [0, 1] and best first
+    ("faster_rcnn", {**SMALL_FASTER, "rpn_focal_gamma": 2.0, "box_focal_gamma": 2.0}, FASTER_LOSSES),
+    ("fast_rcnn", {**SMALL_FAST, "focal_gamma": 2.0, "focal_alpha": None}, {"loss_classifier", "loss_box_reg"}),
 ])
 def test_losses_backward_and_detections(name, kwargs, loss_keys):
     torch.manual_seed(0)
@@ -71,7 +77,9 @@ def test_losses_backward_and_detections(name, kwargs, loss_keys):
     assert_every_parameter_has_a_gradient(model)
     model.eval()
     with torch.no_grad():
-        assert_detections(model(images, **extra), 2, 3)
+        detections = model(images, **extra)
+    assert_detections(detections, 2, 3)
+    assert all(((found["scores"] > 0) & (found["scores"] <= 1)).all() for found in detections)
 
 
 def test_fast_rcnn_computes_its_proposals_when_given_none(monkeypatch):
@@ -259,10 +267,15 @@ def test_mobilenet_taps_are_measured():
     assert model.backbone.feature_info.reductions() == [32, 32]
 
 
-@pytest.mark.parametrize("name, params", [("faster_rcnn", 3_267_323), ("fast_rcnn", 16_709_214)])
-def test_shipped_recipe_builds_at_shapes_det_size(name, params):
+@pytest.mark.parametrize("name, settings, params", [
+    ("faster_rcnn", {}, 3_267_323), ("fast_rcnn", {}, 16_709_214),
+    # the focal classifier has no background logit: representation_size + 1 parameters fewer (128 + 1, 1024 + 1)
+    ("faster_rcnn", {"box_focal_gamma": 2.0, "rpn_focal_gamma": 2.0}, 3_267_194),
+    ("fast_rcnn", {"focal_gamma": 2.0}, 16_708_189),
+])
+def test_shipped_recipe_builds_at_shapes_det_size(name, settings, params):
     config = read_option("model", name)
-    kwargs = {key: value for key, value in config.items() if key not in MODEL_META_KEYS}
+    kwargs = {key: value for key, value in config.items() if key not in MODEL_META_KEYS} | settings
     with torch.device("meta"):
         model = create_model(name, num_classes=5, image_size=128, **kwargs)
     assert sum(p.numel() for p in model.parameters()) == params

@@ -117,13 +117,15 @@ def detection_trunk(backbone: str, levels: Sequence[int | str], model: str, imag
 
 def box_roi_heads(num_classes: int, in_chs: int, reductions: Sequence[int], roi: str, output_size: int,
                   sampling_ratio: int, representation_size: int, act_layer: ActFactory | None, model: str,
-                  **settings) -> RoIHeads:
+                  focal_gamma: float | None = None, **settings) -> RoIHeads:
     """RoI pooling (``roi``: ``"pool"`` or ``"align"``) on levels of ``in_chs`` channels and strides ``reductions``,
-    the two FC layers and the sibling outputs; ``settings`` go to :class:`RoIHeads`."""
+    the two FC layers and the sibling outputs (K sigmoid class outputs with ``focal_gamma``, else K + 1 with the
+    background); ``focal_gamma`` and ``settings`` go to :class:`RoIHeads`."""
     check_choice(f"{model}'s roi", roi, ROI_MODES)
     pooler = RoIPooler(reductions, output_size, roi, sampling_ratio)
     box_head = TwoMLPHead(in_chs * output_size ** 2, representation_size, act_layer)
-    return RoIHeads(pooler, box_head, BoxPredictor(representation_size, num_classes), **settings)
+    predictor = BoxPredictor(representation_size, num_classes, background=focal_gamma is None)
+    return RoIHeads(pooler, box_head, predictor, focal_gamma=focal_gamma, **settings)
 
 
 class TwoStageDetector(nn.Module):
@@ -141,7 +143,7 @@ class TwoStageDetector(nn.Module):
     def __init__(self, backbone: FeatureExtractor, neck: nn.Module, roi_heads: RoIHeads):
         super().__init__()
         self.backbone, self.neck, self.roi_heads = backbone, neck, roi_heads
-        self.num_classes = roi_heads.box_predictor.cls_score.out_features - 1
+        self.num_classes = roi_heads.box_predictor.num_classes
         # Not in the state dict: the constants of the input convention, as torchvision's transform holds them.
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD), persistent=False)
@@ -179,10 +181,12 @@ class FastRCNN(TwoStageDetector):
     ======================================================================  ===========
     ``fast_rcnn()``: ResNet-50 to layer3 (1024 ch), 7×7, FC 1024, 20 cls    61,081,769
     ``model=fast_rcnn`` at 128 px, 5 classes: ResNet-18 to layer3 (256 ch)  16,709,214
+    the same with ``model.focal_gamma=2`` (5 sigmoid class outputs, not 6)  16,708,189
     ======================================================================  ===========
 
     (The first FC dominates: 256 · 7 · 7 → 1024 is 12.8 M of the ResNet-18 variant's 16.7 M; VGG16's fc6 in the
-    paper is 25088 → 4096, 102.8 M.)
+    paper is 25088 → 4096, 102.8 M. The focal classifier drops the background's logit: ``representation_size`` + 1
+    parameters.)
 
     Args:
         num_classes: foreground classes K (the classifier has K + 1 outputs, background first).
@@ -199,6 +203,10 @@ class FastRCNN(TwoStageDetector):
             of highest loss per image after NMS at ``ohem_nms`` (:class:`~cvlab.models.heads.roi_heads.RoIHeads`;
             Shrivastava et al. 2016: 64 an image, background down to IoU 0, ``bg_iou=[0, 0.5]``).
         box_loss_beta: the smooth-L1's β (1, the paper's).
+        focal_gamma / focal_alpha: None: the paper's softmax over K + 1; a number: K sigmoid class outputs (the
+            background all of them 0, RetinaNet's form) trained with the sigmoid focal loss of that γ and α
+            (RetinaNet's 2 and 0.25; :class:`~cvlab.models.heads.roi_heads.RoIHeads`), each detection scored by its
+            class's sigmoid.
         score_thresh / nms_thresh / detections_per_img: test post-processing (0.05, 0.3, 100).
         proposals: the selective-search settings (``method``, ``mode``, ``max_proposals``, ``min_size``) the data
             caches proposals with and this model computes them with when ``forward`` gets none.
@@ -213,9 +221,10 @@ class FastRCNN(TwoStageDetector):
                  width: float = 1.0, batch_size_per_image: int = 64, positive_fraction: float = 0.25,
                  fg_iou: float = 0.5, bg_iou: Sequence[float] = (0.1, 0.5), box_loss_beta: float = 1.0,
                  score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_img: int = 100,
-                 ohem_rois: int = 0, ohem_nms: float = 0.7,
-                 proposals: Mapping[str, Any] | None = None, norm_layer: NormFactory | None = None,
-                 act_layer: ActFactory | None = None, attn_layer: AttnFactory | None = None):
+                 ohem_rois: int = 0, ohem_nms: float = 0.7, focal_gamma: float | None = None,
+                 focal_alpha: float | None = 0.25, proposals: Mapping[str, Any] | None = None,
+                 norm_layer: NormFactory | None = None, act_layer: ActFactory | None = None,
+                 attn_layer: AttnFactory | None = None):
         from cvlab.ops.proposals import proposal_settings
 
         trunk = detection_trunk(backbone, [level], "fast_rcnn", image_size, norm_layer, act_layer, attn_layer,
@@ -225,7 +234,8 @@ class FastRCNN(TwoStageDetector):
             sampling_ratio, round(representation_size * width), act_layer, "fast_rcnn", fg_iou=fg_iou,
             bg_iou=tuple(bg_iou), batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
             box_loss_beta=box_loss_beta, score_thresh=score_thresh, nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img, ohem_rois=ohem_rois, ohem_nms=ohem_nms,
+            detections_per_img=detections_per_img, ohem_rois=ohem_rois, ohem_nms=ohem_nms, focal_gamma=focal_gamma,
+            focal_alpha=focal_alpha,
         )
         super().__init__(trunk, nn.Identity(), roi_heads)
         self.proposal_settings = proposal_settings(proposals)

@@ -60,7 +60,9 @@ class FasterRCNN(TwoStageDetector):
 
     ``model=faster_rcnn`` (``conf/model/faster_rcnn.yaml``, the recipe for 128 px inputs on a CPU: MobileNetV3-Large
     levels of stride 8, 16 and 32, FPN 32 channels, no P6, 3 × 3 anchors per level, FC 128, 5 classes): 3,267,323
-    parameters, 0.60 GFLOPs a 128 px image in eval with its 1000 proposals (``cvlab info model=faster_rcnn``).
+    parameters, 0.60 GFLOPs a 128 px image in eval with its 1000 proposals (``cvlab info model=faster_rcnn``);
+    3,267,194 with ``model.box_focal_gamma=2`` (the focal classifier has no background logit: 128 + 1 fewer). The
+    RPN's focal loss (``rpn_focal_gamma``) changes no parameter.
 
     Args:
         num_classes: foreground classes K (the classifier has K + 1 outputs, background first).
@@ -76,13 +78,17 @@ class FasterRCNN(TwoStageDetector):
             32..512 one per level with FPN, the paper's (128, 256, 512) without. ``aspect_ratios`` (h / w) are used
             at every level; ``anchor_offset`` 0 centres anchors on cell corners (torchvision), 0.5 on cell centres.
         rpn_*: the RPN's matching, sampling and proposal selection (:class:`RegionProposalNetwork`);
-            ``rpn_pre_nms_top_n`` / ``rpn_post_nms_top_n`` are ``(train, test)``.
+            ``rpn_pre_nms_top_n`` / ``rpn_post_nms_top_n`` are ``(train, test)``; ``rpn_focal_gamma`` /
+            ``rpn_focal_alpha``: a number scores the objectness with the sigmoid focal loss instead of the BCE.
         roi / roi_output_size / sampling_ratio: ``"align"`` (RoIAlign) or ``"pool"`` (RoI max pooling), 7×7.
         representation_size / width: the two FC layers' width; ``width`` also scales ``fpn_channels``.
         box_*: the box head's sampling (512 RoIs, 25 % foreground at IoU ≥ 0.5, background below ``box_bg_iou``),
             smooth-L1 β, and post-processing (score 0.05, per-class NMS 0.5, 100 detections); ``box_ohem_rois``
             > 0: online hard example mining in place of that sampling, the ``box_ohem_rois`` RoIs of highest loss
-            per image after NMS at ``box_ohem_nms`` (:class:`~cvlab.models.heads.roi_heads.RoIHeads`).
+            per image after NMS at ``box_ohem_nms`` (:class:`~cvlab.models.heads.roi_heads.RoIHeads`);
+            ``box_focal_gamma`` / ``box_focal_alpha``: a number makes the classifier K sigmoid outputs (the background
+            all of them 0, RetinaNet's form) trained with the sigmoid focal loss, each detection scored by its class's
+            sigmoid; None: the softmax over K + 1.
         norm_layer / act_layer / attn_layer: the backbone's; act_layer also the heads' (default ReLU). The FPN
             has no norm and no activation, as in the paper.
     """
@@ -95,11 +101,14 @@ class FasterRCNN(TwoStageDetector):
                  rpn_fg_iou: float = 0.7, rpn_bg_iou: float = 0.3, rpn_batch_size_per_image: int = 256,
                  rpn_positive_fraction: float = 0.5, rpn_pre_nms_top_n: Sequence[int] = (2000, 1000),
                  rpn_post_nms_top_n: Sequence[int] = (2000, 1000), rpn_nms_thresh: float = 0.7,
-                 rpn_score_thresh: float = 0.0, roi: str = "align", roi_output_size: int = 7, sampling_ratio: int = 2,
+                 rpn_score_thresh: float = 0.0, rpn_focal_gamma: float | None = None,
+                 rpn_focal_alpha: float | None = 0.25, roi: str = "align", roi_output_size: int = 7,
+                 sampling_ratio: int = 2,
                  representation_size: int = 1024, width: float = 1.0, box_batch_size_per_image: int = 512,
                  box_positive_fraction: float = 0.25, box_fg_iou: float = 0.5, box_bg_iou: float = 0.5,
                  box_loss_beta: float = 1.0 / 9, box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
                  box_detections_per_img: int = 100, box_ohem_rois: int = 0, box_ohem_nms: float = 0.7,
+                 box_focal_gamma: float | None = None, box_focal_alpha: float | None = 0.25,
                  norm_layer: NormFactory | None = None,
                  act_layer: ActFactory | None = None, attn_layer: AttnFactory | None = None):
         trunk = detection_trunk(backbone, levels, "faster_rcnn", image_size, norm_layer, act_layer, attn_layer,
@@ -125,7 +134,7 @@ class FasterRCNN(TwoStageDetector):
         rpn = RegionProposalNetwork(
             anchors, RPNHead(level_chs, anchors.num_anchors_per_location()[0], act_layer), rpn_fg_iou, rpn_bg_iou,
             rpn_batch_size_per_image, rpn_positive_fraction, rpn_pre_nms_top_n, rpn_post_nms_top_n, rpn_nms_thresh,
-            rpn_score_thresh,
+            rpn_score_thresh, focal_gamma=rpn_focal_gamma, focal_alpha=rpn_focal_alpha,
         )
         roi_heads = box_roi_heads(
             num_classes, level_chs, reductions, roi, roi_output_size, sampling_ratio,
@@ -133,6 +142,7 @@ class FasterRCNN(TwoStageDetector):
             batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
             box_loss_beta=box_loss_beta, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
             detections_per_img=box_detections_per_img, ohem_rois=box_ohem_rois, ohem_nms=box_ohem_nms,
+            focal_gamma=box_focal_gamma, focal_alpha=box_focal_alpha,
         )
         super().__init__(trunk, neck, roi_heads)
         self.rpn = rpn

@@ -14,7 +14,8 @@ level, its anchors are centred on the top-left corner of each cell), so its weig
 ``anchor_offset=0.5`` centres the anchors in their cells instead (Detectron2's ``offset``). The boxes maths is
 ``torchvision.ops`` (``box_iou``, ``batched_nms``, ``clip_boxes_to_image``, ``remove_small_boxes``); the anchors,
 the head, the selection and the loss are written here (torchvision's are in ``torchvision.models.detection``, which
-cvlab's models do not import).
+cvlab's models do not import). ``focal_gamma`` scores the objectness with the sigmoid focal loss instead of the BCE
+(Lin et al. 2017, ``torchvision.ops.sigmoid_focal_loss``; not in the paper: an imbalance option).
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, sigmoid_focal_loss
 
 from cvlab.layers.typing import ActFactory
 from cvlab.ops.box_coder import BoxCoder
 from cvlab.ops.matching import IoUMatcher, objects_with_area, sample_balanced
+from cvlab.utils.validate import check_number
 
 
 class AnchorGenerator(nn.Module):
@@ -131,8 +133,9 @@ class RegionProposalNetwork(nn.Module):
 
     ``forward(levels: list[Tensor[N, C, H_l, W_l]], image_size=(H, W), targets=None) -> (proposals, losses)``:
     ``proposals`` is one ``Tensor[K_i, 4]`` (xyxy input pixels, no gradient, best first) per image; ``losses`` is
-    ``{}`` in eval and in training ``loss_objectness`` (binary cross-entropy over the sampled anchors) and
-    ``loss_rpn_box_reg`` (smooth-L1 over the positives, summed and divided by the number sampled).
+    ``{}`` in eval and in training ``loss_objectness`` (binary cross-entropy, or with ``focal_gamma`` the focal
+    loss, averaged over the sampled anchors) and ``loss_rpn_box_reg`` (smooth-L1 over the positives, summed and
+    divided by the number sampled).
 
     Args:
         anchor_generator / head: the :class:`AnchorGenerator` and the :class:`RPNHead`.
@@ -143,14 +146,20 @@ class RegionProposalNetwork(nn.Module):
         nms_thresh: NMS IoU, per level. score_thresh: drop proposals of lower probability. min_size: drop
             proposals with a side under this (pixels).
         box_loss_beta: the smooth-L1's β (1/9: σ = 3 in the paper's Caffe code, and torchvision's).
+        focal_gamma / focal_alpha: None: the paper's BCE; a number γ ≥ 0: the sigmoid focal loss ``α_t (1 − p_t)^γ
+            BCE`` (RetinaNet's γ = 2, α = 0.25; ``focal_alpha`` None: no α weighting, so γ = 0 is the BCE),
+            averaged over the sampled anchors as the BCE is: mmdetection's normalisation of a sampled head (the
+            anchors sampled; RetinaNet, which samples none, divides by the positives).
     """
 
     def __init__(self, anchor_generator: AnchorGenerator, head: RPNHead, fg_iou: float = 0.7, bg_iou: float = 0.3,
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_top_n: Sequence[int] = (2000, 1000), post_nms_top_n: Sequence[int] = (2000, 1000),
                  nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3,
-                 box_loss_beta: float = 1.0 / 9):
+                 box_loss_beta: float = 1.0 / 9, focal_gamma: float | None = None, focal_alpha: float | None = 0.25):
         super().__init__()
+        check_number("the RPN's focal_gamma", focal_gamma, 0, optional=True, hint=" (null: the BCE; RetinaNet's 2)")
+        check_number("the RPN's focal_alpha", focal_alpha, 0, 1, optional=True, hint=" (RetinaNet's 0.25)")
         self.anchor_generator, self.head = anchor_generator, head
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.matcher = IoUMatcher(fg_iou, (0.0, bg_iou), allow_low_quality=True)
@@ -159,6 +168,8 @@ class RegionProposalNetwork(nn.Module):
         self.post_nms_top_n = tuple(int(n) for n in post_nms_top_n)
         self.nms_thresh, self.score_thresh, self.min_size = float(nms_thresh), float(score_thresh), float(min_size)
         self.box_loss_beta = float(box_loss_beta)
+        self.focal_gamma = None if focal_gamma is None else float(focal_gamma)
+        self.focal_alpha = None if focal_alpha is None else float(focal_alpha)
 
     def forward(self, levels: list[torch.Tensor], image_size: tuple[int, int],
                 targets: list[dict] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -216,5 +227,9 @@ class RegionProposalNetwork(nn.Module):
         logits, labels = torch.cat(logits), torch.cat(labels)
         box_loss = F.smooth_l1_loss(torch.cat(pos_deltas), torch.cat(pos_targets), beta=self.box_loss_beta,
                                     reduction="sum")
-        return {"loss_objectness": F.binary_cross_entropy_with_logits(logits, labels),
-                "loss_rpn_box_reg": box_loss / max(len(labels), 1)}
+        if self.focal_gamma is None:
+            objectness_loss = F.binary_cross_entropy_with_logits(logits, labels)
+        else:
+            alpha = -1.0 if self.focal_alpha is None else self.focal_alpha  # torchvision's "no α"
+            objectness_loss = sigmoid_focal_loss(logits, labels, alpha, self.focal_gamma, reduction="mean")
+        return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss / max(len(labels), 1)}
