@@ -1,8 +1,9 @@
 """EasyEnsemble and BalanceCascade (strategy=easy_ensemble|balance_cascade): the balanced draws' class counts, the
 cascade's shrinking majority pool and its thresholds on a hand-made example, probability averaging against a hand
-computation, the refusals, and `cvlab train data=digits_lt strategy=...` end to end with tiny budgets (member
-stages, one row each plus the ensemble's, the ensemble's figures recomputed from the saved member probabilities,
-a rerun that skips the finished members)."""
+computation, a member's budget (strategy.budget: a plain run's optimiser steps, or the run's epochs), the refusals,
+and `cvlab train data=digits_lt strategy=...` end to end with tiny budgets (member stages, one row each plus the
+ensemble's, the ensemble's figures recomputed from the saved member probabilities, a rerun that skips the finished
+members)."""
 from __future__ import annotations
 
 import json
@@ -59,11 +60,12 @@ def test_a_balanced_draw_keeps_the_minority_and_as_many_of_every_other_class():
 def test_a_members_data_view_is_a_balanced_draw_of_digits_lt_and_keeps_the_splits(train_cfg, tmp_path):
     cfg = train_cfg(*TINY, "strategy=easy_ensemble")
     plain = build_datamodule(cfg)
-    views = [build_datamodule(member_config(cfg, member, None)) for member in (1, 2)]
+    views = [build_datamodule(member_config(cfg, member, None, "epochs")) for member in (1, 2)]
     for member, view in zip((1, 2), views):
         assert isinstance(view, BalancedDrawDataModule) and view.order_seed == 42 + member - 1
         assert np.bincount(view.resampled_labels).tolist() == [2] * 10
         assert len(view.train_set) == 20 and len(view.train_dataloader().sampler) == 20
+        assert len(view.train_dataloader()) == 1  # budget=epochs: one step an epoch (plain CE: 10)
         # the losses and the frequency groups see the split's counts, before the draw
         assert list(view.info.class_counts) == DIGITS_LT_COUNTS == list(plain.info.class_counts)
         minority = np.flatnonzero(np.asarray(plain.train_labels) == 9)
@@ -75,8 +77,60 @@ def test_a_members_data_view_is_a_balanced_draw_of_digits_lt_and_keeps_the_split
     # a pool file (BalanceCascade's later members): the draw comes from it alone
     pool = np.concatenate([np.flatnonzero(np.asarray(plain.train_labels) == label)[:3] for label in range(10)])
     np.save(tmp_path / "pool.npy", pool)  # 3 of each class, 2 of class 9 (all it has)
-    view = build_datamodule(member_config(cfg, 3, str(tmp_path / "pool.npy")))
+    view = build_datamodule(member_config(cfg, 3, str(tmp_path / "pool.npy"), "steps"))
     assert set(view.drawn.tolist()) <= set(pool.tolist()) and np.bincount(view.resampled_labels).tolist() == [2] * 10
+
+
+def test_a_steps_budget_gives_a_member_epochs_of_the_splits_length(train_cfg):
+    cfg = train_cfg(*TINY, "strategy=easy_ensemble")
+    assert check_strategy(cfg).budget == "epochs"  # the default
+    assert check_strategy(train_cfg(*TINY, "strategy=easy_ensemble", "strategy.budget=steps")).budget == "steps"
+    plain = build_datamodule(cfg)
+    assert len(plain.train_dataloader()) == 336 // 32 == 10  # the last short batch dropped
+    view = build_datamodule(member_config(cfg, 1, None, "steps"))
+    loader = view.train_dataloader()
+    assert len(view.drawn) == 20 and len(loader.sampler) == 336 and len(loader) == 10
+    # Each epoch: each of the 20 drawn images 16 or 17 times (336 = 16 x 20 + 16), the 16 that come once more
+    # drawn anew each epoch; only the draw's images are read.
+    epochs = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        draws = list(loader.sampler)
+        assert max(draws) == 19 and sorted(np.bincount(draws).tolist()) == [16] * 4 + [17] * 16
+        epochs.append(np.bincount(draws))
+    assert not np.array_equal(*epochs)
+    items = {view.train_set.base.indices[i] for i in range(336)}
+    assert items == set(view.drawn.tolist())
+    with pytest.raises(UserError, match="sampler=class_balanced resamples the training split"):
+        build_datamodule(member_config(train_cfg(*TINY, "sampler=class_balanced"), 1, None, "steps"))
+
+
+def test_members_train_the_plain_runs_steps_and_schedule(train_cfg, tmp_path, monkeypatch):
+    """One epoch, every batch: plain CE's 10 optimiser steps (336 images in batches of 32) and its warm-up cosine
+    plan of 10 steps, for each member with strategy.budget=steps (the default, epochs: 1, the 20 drawn images, as
+    the data view test shows)."""
+    from cvlab.engine import ensembles
+
+    full = ["trainer.limit_train_batches=null", "trainer.max_epochs=1"]
+    _, plain = run_train(train_cfg(*TINY, *full, out=tmp_path / "plain"))
+    plan = plain["trainer"].lr_scheduler_configs[0].scheduler.total_steps
+    assert plain["trainer"].global_step == plan == 10
+    trainers = []
+    real_run_train = ensembles.run_train
+
+    def recorded(cfg):
+        metrics, objects = real_run_train(cfg)
+        trainers.append(objects["trainer"])
+        return metrics, objects
+
+    monkeypatch.setattr(ensembles, "run_train", recorded)
+    out = tmp_path / "ensemble"
+    run_train(train_cfg(*TINY, *full, "strategy=easy_ensemble", "strategy.members=2", "strategy.budget=steps",
+                        out=out))
+    rows = _rows(out)
+    assert [rows[m]["steps"] for m in ("member1", "member2")] == [10, 10]
+    assert [rows[m]["train_images"] for m in ("member1", "member2")] == [20, 20]
+    assert [(t.global_step, t.lr_scheduler_configs[0].scheduler.total_steps) for t in trainers] == [(10, 10)] * 2
 
 
 def test_a_pool_file_is_data_checked_before_use(tmp_path):
@@ -148,6 +202,7 @@ def test_the_ensemble_averages_probabilities_rather_than_voting():
 # ------------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["strategy=easy_ensemble", "strategy.members=1"], "strategy.members must be an integer >= 2"),
+    (["strategy=balance_cascade", "strategy.budget=step"], "strategy.budget is one of steps, epochs; got 'step'"),
     (["strategy=balance_cascade", "strategy.fpr=1.0"], "strategy.fpr must be a number in (0, 1)"),
     (["strategy=easy_ensemble", "sampler=smote"], "Leave sampler=none"),
     (["strategy=balance_cascade", "resume=last.ckpt"], "not with resume="),
@@ -247,6 +302,7 @@ def test_cli_balance_cascade_trains_members_on_a_shrinking_pool_and_averages_the
         for name in ("weights/best.ckpt", "results.csv", "metrics.json", "stage.json", "predictions.npz"):
             assert (run / f"member{member}" / name).is_file(), f"member{member}/{name}"
         assert rows[f"member{member}"]["train_images"] == 20 and rows[f"member{member}"]["seed"] == 41 + member
+        assert rows[f"member{member}"]["steps"] == 1  # budget=epochs: the 20 drawn images, one batch
     # The majority pool each member drew from: all 334 majority images, then (T = 2: f_c = 2 / n_c) the minority's
     # count, 2, of each of the 9 majority classes.
     assert [rows[f"member{m}"]["majority_pool"] for m in (1, 2)] == [334, 18]
@@ -256,12 +312,12 @@ def test_cli_balance_cascade_trains_members_on_a_shrinking_pool_and_averages_the
     table = result.stdout[result.stdout.index("BalanceCascade: 2 x mobilenetv1 on digits_lt"):]
     header = next(line for line in table.splitlines() if "train images" in line)
     assert [cell.strip() for cell in header.split("┃")[1:-1]] == [
-        "", "train images", "majority pool", "val acc", "test acc", "test bal. acc", "test macro-F1",
+        "", "train images", "steps", "majority pool", "val acc", "test acc", "test bal. acc", "test macro-F1",
         "test few recall"]
     lines = [line for line in table.splitlines() if line.startswith("│")]
     assert [line.split("│")[1].strip() for line in lines] == [
         "member 1", "member 2", "BalanceCascade (mean probability)"]
-    assert lines[1].split("│")[3].strip() == "18" and f"{rows['ensemble']['test/f1']:.4f}" in lines[2]
+    assert lines[1].split("│")[4].strip() == "18" and f"{rows['ensemble']['test/f1']:.4f}" in lines[2]
 
 
 @pytest.mark.slow

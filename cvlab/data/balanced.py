@@ -12,16 +12,22 @@ Multi-class, the "majority" is every class with more training images than the sm
 (:func:`majority_classes`). The validation and test splits are untouched, and the training counts a loss or the
 frequency groups see (``info.class_counts``) stay those of the split before the draw, as with the samplers of
 :mod:`cvlab.data.imbalance`; ``resampled_labels`` holds the draw's labels.
+
+An epoch is one pass over the draw, or with ``split_length`` (``strategy.budget=steps``) as many draws as the whole
+training split has images (:class:`RepeatedDrawSampler`), so that the loader has as many batches as a plain run's and
+a member trains the optimiser steps, learning-rate schedule and validation points of a plain run of the same epochs.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Subset
 
 from cvlab.data.classification import ClassificationDataModule, TransformedDataset
+from cvlab.data.samplers import EpochShuffleSampler
 from cvlab.utils.errors import UserError
 
 # A pool file holds at most this many indices (a training split is far smaller; the file is read whole).
@@ -69,16 +75,34 @@ def read_pool(path: str | Path, size: int) -> np.ndarray:
     return pool
 
 
+class RepeatedDrawSampler(EpochShuffleSampler):
+    """An epoch of ``num_samples`` indices of ``draw_size`` items: fresh permutations of them one after another, the
+    last one cut short, so that each item comes ``⌊n / m⌋`` or ``⌈n / m⌉`` times an epoch (which ones once more
+    changes with the epoch). Positions ``draw_size`` and beyond are never drawn."""
+
+    def __init__(self, num_samples: int, draw_size: int, seed: int = 0):
+        super().__init__(num_samples, seed)
+        self.draw_size = int(draw_size)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = self._generator()
+        rounds = -(-self.num_samples // self.draw_size)
+        order = torch.cat([torch.randperm(self.draw_size, generator=generator) for _ in range(rounds)])
+        return iter(order[: self.num_samples].tolist())
+
+
 class BalancedDrawDataModule(ClassificationDataModule):
     """The classification data with its training split replaced by a balanced draw (module docstring) from
-    ``pool``: a ``.npy`` file of training-image indices, or None for the whole split. After :meth:`setup`,
-    ``drawn`` holds the drawn indices (into the split) and ``resampled_labels`` their labels."""
+    ``pool``: a ``.npy`` file of training-image indices, or None for the whole split. ``split_length``: each epoch
+    is as many draws from it as the split has images (:class:`RepeatedDrawSampler`), not one pass. After
+    :meth:`setup`, ``drawn`` holds the drawn indices (into the split) and ``resampled_labels`` their labels."""
 
-    def __init__(self, *args, pool: str | None = None, **kwargs):
+    def __init__(self, *args, pool: str | None = None, split_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.resampling:
-            raise UserError(f"sampler={self.resampling.get('name')} resamples the training split, which an ensemble "
-                            "member's balanced draw replaces; leave sampler=none.")
+        chosen = (self.resampling or self.sampler_config or {}).get("name", "none")
+        if self.resampling or (split_length and chosen != "none"):  # split_length replaces the training order
+            raise UserError(f"sampler={chosen} resamples the training split, which an ensemble member's balanced draw "
+                            "replaces; leave sampler=none.")
         self.drawn: np.ndarray | None = None
 
     def read(self) -> None:
@@ -86,9 +110,16 @@ class BalancedDrawDataModule(ClassificationDataModule):
         labels = np.asarray(self.train_labels, dtype=np.int64)
         pool = None if self.hparams.pool is None else read_pool(self.hparams.pool, len(labels))
         self.drawn = balanced_draw(labels, pool, self.order_seed)
-        self.train_set = TransformedDataset(Subset(self.train_set.base, self.drawn.tolist()), self.train_set.transform)
+        items = self.drawn
+        if self.hparams.split_length:
+            # As long as the split, so the loader counts (and drops a short last batch) as a plain run's does; the
+            # sampler draws the first len(drawn) positions only.
+            items = np.resize(self.drawn, len(labels))
+            self.sampler_config = {"_target_": f"{__name__}.RepeatedDrawSampler", "draw_size": len(self.drawn)}
+        self.train_set = TransformedDataset(Subset(self.train_set.base, items.tolist()), self.train_set.transform)
         self.resampled_labels = labels[self.drawn].tolist()
         counts = np.bincount(self.resampled_labels, minlength=len(self.class_names))
+        epochs = f"; epochs of {len(labels)} draws from them" if self.hparams.split_length else ""
         self.note(f"balanced draw (imbalanced-learn RandomUnderSampler, seed {self.order_seed}) from "
                   f"{len(labels) if pool is None else len(pool)} training images: {len(self.drawn)}, "
-                  f"{counts.min()} per class")
+                  f"{counts.min()} per class{epochs}")

@@ -29,6 +29,22 @@ ensemble's figures (``val/acc`` ranks it in sweeps and studies) and each member'
   (``majority_pool``, per class in its stage.json, with the thresholds it set); its pool and the next member's are
   saved as ``pool.npy`` / ``next_pool.npy`` (training-split indices).
 
+The budget of a member (``strategy.budget``):
+
+- ``steps``: as many optimiser steps as a plain run on the whole training split. The member's epochs
+  are as long as the split (as many draws from its balanced subset as the split has images, each image about
+  ``n / m`` times an epoch; :class:`~cvlab.data.balanced.RepeatedDrawSampler`), so the same ``trainer.max_epochs``
+  gives the plain run's batches per epoch, learning-rate schedule (per epoch or per step) and validation points. A
+  study row of an ensemble then compares methods at equal training per member, as a row of any other method does.
+- ``epochs`` (the default): the run's epochs on the draw alone (the paper's members): on digits_lt, whose smallest
+  class has 2 training images, a member's 20 images are one batch, 6 optimiser steps in 6 epochs against a plain
+  run's 30. It is the default because it scored better there: with ``steps`` every member memorises its 20 images
+  (train accuracy 1.0 after an epoch) and the ensembles fall to balanced accuracy 0.42 / 0.31 (EasyEnsemble /
+  BalanceCascade, 3 seeds) from 0.54 / 0.63; the short budget acts as early stopping. A member is short of data,
+  not of steps.
+
+Each member's row records its ``steps`` (Lightning's ``global_step``).
+
 imbalanced-learn deprecated its ``BalanceCascade`` sampler in 0.4 and removed it in 0.6 (and its
 ``EasyEnsembleClassifier`` bags AdaBoost learners of feature vectors, not networks), so both the cascade (threshold,
 pool) and the members as training runs are cvlab's own, written here; the draws are imbalanced-learn's.
@@ -56,10 +72,11 @@ from cvlab.engine.training import register_pipeline, run_train
 from cvlab.metrics.classification import frequency_groups, score_probabilities
 from cvlab.utils.console import class_recall_table, console
 from cvlab.utils.errors import UserError, suggest
-from cvlab.utils.validate import check_number
+from cvlab.utils.validate import check_choice, check_number
 
 METHODS = {"easy_ensemble": "EasyEnsemble", "balance_cascade": "BalanceCascade"}
-SETTINGS = {"easy_ensemble": ("members",), "balance_cascade": ("members", "fpr")}
+SETTINGS = {"easy_ensemble": ("members", "budget"), "balance_cascade": ("members", "fpr", "budget")}
+BUDGETS = ("steps", "epochs")  # a member's training: a plain run's optimiser steps, or the run's epochs on its draw
 SPLITS = ("val", "test")
 CLASSIFICATION_DATA = "cvlab.data.classification.ClassificationDataModule"
 MEMBER_DATA = "cvlab.data.balanced.BalancedDrawDataModule"
@@ -69,6 +86,7 @@ POOL, NEXT_POOL = "pool.npy", "next_pool.npy"
 MEMBER_KEYS = ("val/acc", "test/acc", "test/balanced_acc", "test/f1")
 COLUMNS = (
     Column("train_images", "train images", "{:,}"),
+    Column("steps", "steps", "{:,}"),
     Column("majority_pool", "majority pool", "{:,}"),
     Column("val/acc", "val acc", "{:.4f}"),
     Column("test/acc", "test acc", "{:.4f}"),
@@ -80,12 +98,14 @@ COLUMNS = (
 
 @dataclass(frozen=True)
 class EnsembleSettings:
-    """The ``strategy`` group's settings: ``method`` (easy_ensemble | balance_cascade), ``members`` T >= 2 and
-    BalanceCascade's ``fpr`` (None: the paper's per-class rate, :func:`cascade_rates`)."""
+    """The ``strategy`` group's settings: ``method`` (easy_ensemble | balance_cascade), ``members`` T >= 2,
+    BalanceCascade's ``fpr`` (None: the paper's per-class rate, :func:`cascade_rates`) and a member's ``budget``
+    (:data:`BUDGETS`, the module docstring)."""
 
     method: str
     members: int
     fpr: float | None = None
+    budget: str = "epochs"
 
     @property
     def cascade(self) -> bool:
@@ -108,8 +128,9 @@ def check_strategy(cfg: DictConfig) -> EnsembleSettings:
         if key not in ("name", *known):
             raise UserError(f"strategy={method} has no setting {key!r}.{suggest(str(key), known)} Its settings: "
                             f"{', '.join(known)}.")
-    members, fpr = strategy.get("members"), strategy.get("fpr")
+    members, fpr, budget = strategy.get("members"), strategy.get("fpr"), strategy.get("budget", "epochs")
     check_number("strategy.members", members, 2, integer=True, hint=" (T: an ensemble of one is a single run)")
+    check_choice("strategy.budget", budget, BUDGETS)
     check_number("strategy.fpr", fpr, 0, 1, low_open=True, high_open=True, optional=True,
                  hint=" (the share of each majority class's pool a member keeps; null: the paper's)")
     task = str(cfg.task.name)
@@ -130,7 +151,7 @@ def check_strategy(cfg: DictConfig) -> EnsembleSettings:
     if str(devices) != "1" or nodes != 1:
         raise UserError(f"strategy={method} trains its members one after another in one process; "
                         f"trainer.devices={devices} would start several. Use trainer.devices=1 (trainer=default).")
-    return EnsembleSettings(method, int(members), None if fpr is None else float(fpr))
+    return EnsembleSettings(method, int(members), None if fpr is None else float(fpr), budget)
 
 
 # ------------------------------------------------------------------------------------------------- the method
@@ -227,13 +248,15 @@ def split_scores(predictions: dict[str, np.ndarray], num_classes: int, groups: d
     return row, recall
 
 
-def member_config(cfg: DictConfig, member: int, pool: str | None) -> DictConfig:
+def member_config(cfg: DictConfig, member: int, pool: str | None, budget: str) -> DictConfig:
     """Member ``member``'s train config (1-based): the run's groups, no strategy, the seed ``seed + member - 1``,
-    the run's split (``data.seed``) and a balanced draw from ``pool`` as its training set."""
+    the run's split (``data.seed``) and a balanced draw from ``pool`` as its training set, with epochs as long as
+    the split for ``budget`` ``steps`` (:data:`BUDGETS`)."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     data_seed = int(cfg.data.get("seed", cfg.seed))
     plain.update(strategy={"name": "none"}, seed=int(cfg.seed) + member - 1, resume=None,
-                 data={**plain["data"], "_target_": MEMBER_DATA, "seed": data_seed, "pool": pool})
+                 data={**plain["data"], "_target_": MEMBER_DATA, "seed": data_seed, "pool": pool,
+                       "split_length": budget == "steps"})
     return OmegaConf.create(plain)
 
 
@@ -282,8 +305,9 @@ def run_ensemble(cfg: DictConfig) -> tuple[dict, dict]:
                 objects["task"], loaders[split](), device)
         pool = np.arange(len(labels)) if pool is None else pool
         sizes = majority_sizes(pool, labels, majority)
-        row = {"train_images": len(objects["datamodule"].drawn), "majority_pool": sum(sizes),
-               "seed": int(context.config.seed), **split_scores(predictions, info.num_classes, groups)[0],
+        row = {"train_images": len(objects["datamodule"].drawn), "steps": int(objects["trainer"].global_step),
+               "majority_pool": sum(sizes), "seed": int(context.config.seed),
+               **split_scores(predictions, info.num_classes, groups)[0],
                **{key: metrics[key] for key in ("epochs", "train_time_s", "params")}}
         output = MemberOutput(predictions)
         if settings.cascade:
@@ -314,7 +338,8 @@ def run_ensemble(cfg: DictConfig) -> tuple[dict, dict]:
 
     stages = []
     for member in range(1, settings.members + 1):
-        config = member_config(cfg, member, "${paths.output_dir}/" + POOL if settings.cascade and member > 1 else None)
+        config = member_config(cfg, member, "${paths.output_dir}/" + POOL if settings.cascade and member > 1 else None,
+                               settings.budget)
         stages.append(Stage(
             f"member{member}", lambda context, member=member: train_member(context, member),
             needs=(f"member{member - 1}",) if settings.cascade and member > 1 else (), config=config,
@@ -337,5 +362,5 @@ def run_ensemble(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"stages": results}
 
 
-__all__ = ["EnsembleSettings", "MemberOutput", "average_probabilities", "cascade_rates", "check_strategy",
+__all__ = ["BUDGETS", "EnsembleSettings", "MemberOutput", "average_probabilities", "cascade_rates", "check_strategy",
            "member_config", "predict_probabilities", "run_ensemble", "shrink_pool"]
