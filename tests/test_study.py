@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -220,8 +221,9 @@ def test_a_cell_that_fails_is_counted_refused_or_stops_the_study(tmp_path, monke
 
     def fake_run(command, stdout, stderr):
         commands.append(command)
-        stdout.write("some output\nerror: data.root does not exist\n")
-        return subprocess.CompletedProcess(command, code)
+        if code == 2:  # a refused run removes its run directory (it holds no weights yet)
+            shutil.rmtree(tmp_path / "cell")
+        return subprocess.CompletedProcess(command, code, stdout=b"some output\nerror: data.root does not exist\n")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     run = cli_cell_runner("distill", "val/acc")
@@ -231,6 +233,7 @@ def test_a_cell_that_fails_is_counted_refused_or_stops_the_study(tmp_path, monke
     else:
         with pytest.raises(outcome, match="exited with .*: data.root does not exist"):
             run(cell, tmp_path / "cell")
+    assert (tmp_path / "cell" / "cell.log").read_text().endswith("error: data.root does not exist\n")
     assert commands[0][1:] == ["-m", "cvlab.cli", "distill", *cell.overrides,
                                f"hydra.run.dir='{tmp_path / 'cell'}'"]
 

@@ -298,11 +298,14 @@ def cli_cell_runner(command: str, monitor: str) -> CellRunner:
     def run(cell: Cell, directory: Path) -> dict:
         log = directory / "cell.log"
         started = time.perf_counter()
-        with log.open("w") as output:
-            code = subprocess.run([sys.executable, "-m", "cvlab.cli", command, *cell.overrides,
-                                   f"hydra.run.dir={_quoted(str(directory))}"], stdout=output,
-                                  stderr=subprocess.STDOUT).returncode
-        seconds = time.perf_counter() - started
+        finished = subprocess.run([sys.executable, "-m", "cvlab.cli", command, *cell.overrides,
+                                   f"hydra.run.dir={_quoted(str(directory))}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        code, seconds = finished.returncode, time.perf_counter() - started
+        # Written once the cell has ended: a cell refused as bad input removes its run directory (no weights yet),
+        # which a log written meanwhile would go with.
+        directory.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(finished.stdout or b"")
         if code == NON_FINITE_EXIT_CODE:
             console.print(f"stopped by a non-finite loss after {seconds:.0f} s: counted as failed (log: {log})",
                           highlight=False)
