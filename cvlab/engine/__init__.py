@@ -19,7 +19,15 @@ from cvlab.engine.rcnn import run_rcnn  # registers the R-CNN pipeline that run_
 from cvlab.engine.runs import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
 from cvlab.engine.stages import Column, Stage, StageContext, StageResult, run_stages
 from cvlab.engine.study import CellFailed, cli_cell_runner, plan_study, run_study, study_directory
-from cvlab.engine.training import PIPELINES, evaluate, evaluate_checkpoint, finish_run, run_pipeline, run_train
+from cvlab.engine.training import (
+    PIPELINES,
+    evaluate,
+    evaluate_checkpoint,
+    finish_run,
+    resamples_embeddings,
+    run_pipeline,
+    run_train,
+)
 from cvlab.engine.tune import run_tune, tune_overrides
 from cvlab.models import list_models, model_task
 from cvlab.tasks import (
@@ -36,8 +44,8 @@ __all__ = [
     "list_models", "model_task", "output_dir", "quiet_lightning", "quiet_trainer", "restore_for_inference",
     "restore_task", "run_guarded", "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain", "tune_overrides",
     "write_json",
-    "PIPELINES", "run_ensemble", "run_feature_resampling", "run_pipeline", "run_rcnn",  # multi-stage methods of
-    # cvlab train (model=rcnn, strategy=easy_ensemble / balance_cascade, sampler.space=features)
+    "PIPELINES", "resamples_embeddings", "run_ensemble", "run_feature_resampling", "run_pipeline", "run_rcnn",
+    # multi-stage methods of cvlab train (model=rcnn, strategy=easy_ensemble / balance_cascade, sampler.space=features)
     "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study
     "ExportCheckFailed", "export_checkpoint", "open_runner",  # cvlab export; cvlab predict of a checkpoint or export
 ]

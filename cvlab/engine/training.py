@@ -45,13 +45,19 @@ def register_pipeline(name: str):
     return wrap
 
 
+def resamples_embeddings(cfg: DictConfig) -> bool:
+    """Whether ``cfg``'s sampler resamples embeddings (``sampler.space=features``), a pipeline of `cvlab train`."""
+    from cvlab.data.imbalance import resamples_features
+    from cvlab.utils.plugins import plain_config
+
+    return resamples_features(plain_config(cfg.get("sampler")))
+
+
 def pipeline_of(cfg: DictConfig) -> tuple[str, str] | None:
     """The multi-stage method ``cfg`` runs instead of one fit, as ``(setting, name)``: its model's
     ``model.pipeline.name``, its ``strategy`` (``strategy.name`` other than none) or a sampler that resamples
     embeddings (``sampler.space=features``: :mod:`cvlab.engine.feature_resampling`); None for one fit."""
-    from cvlab.data.imbalance import resamples_features
     from cvlab.utils.errors import UserError
-    from cvlab.utils.plugins import plain_config
 
     strategy = cfg.get("strategy")
     strategy = str(strategy.get("name", "none")) if strategy is not None else "none"
@@ -62,7 +68,7 @@ def pipeline_of(cfg: DictConfig) -> tuple[str, str] | None:
         return "model.pipeline.name", str(cfg.model.pipeline.get("name"))
     if strategy != "none":
         return "strategy", strategy
-    return ("sampler.space", FEATURE_PIPELINE) if resamples_features(plain_config(cfg.get("sampler"))) else None
+    return ("sampler.space", FEATURE_PIPELINE) if resamples_embeddings(cfg) else None
 
 
 def run_pipeline(cfg: DictConfig, extra_callbacks=()) -> tuple[dict, dict]:

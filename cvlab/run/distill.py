@@ -25,7 +25,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import cvlab.utils.config  # noqa: F401  (registers the config resolvers)
-from cvlab.data.imbalance import resamples_features
 from cvlab.engine import (
     LATENCY_THREADS,
     LATENCY_WARMUP,
@@ -39,6 +38,7 @@ from cvlab.engine import (
     list_models,
     output_dir,
     quiet_lightning,
+    resamples_embeddings,
     restore_task,
     run_guarded,
     run_stages,
@@ -50,7 +50,6 @@ from cvlab.engine import (
 from cvlab.engine.checkpoints import read_checkpoint
 from cvlab.utils.console import console
 from cvlab.utils.errors import UserError
-from cvlab.utils.plugins import plain_config
 
 # The figures of each stage that distill.json keeps (its stage.json keeps them all).
 ROW_KEYS = ("model", "test/acc", "val/acc", "test/f1", "val/f1", "params", "flops", "cpu_latency_ms")
@@ -131,7 +130,7 @@ def run_distill(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("strategy") is not None and cfg.strategy.name != "none":
         raise UserError(f"strategy={cfg.strategy.name} is a method of cvlab train (an ensemble of members); cvlab "
                         "distill trains one teacher and one student. Leave strategy=none.")
-    if resamples_features(plain_config(cfg.get("sampler"))):
+    if resamples_embeddings(cfg):
         raise UserError(f"sampler={cfg.sampler.name} sampler.space=features re-trains a classifier's head on "
                         "resampled embeddings, a method of cvlab train; cvlab distill trains its stages on images: "
                         "use sampler.space=pixels.")
