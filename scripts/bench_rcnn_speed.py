@@ -57,8 +57,7 @@ def time_run(run: Path, images: int, proposal_count: int | None = None) -> dict:
     proposal_s, network_s, counts = [], [], []
     with torch.inference_mode():
         warm_up, _ = datamodule.test_set[0]  # the first call's one-off costs (OpenCV's and torch's set-up) not timed
-        network(warm_up[None]) if settings is None else network(warm_up[None], proposals=[compute_proposals(
-            warm_up, settings)])
+        network(warm_up[None], proposals=None if settings is None else [compute_proposals(warm_up, settings)])
         for index in range(min(images, len(datamodule.test_set))):
             image, _ = datamodule.test_set[index]
             proposals = None
@@ -70,7 +69,7 @@ def time_run(run: Path, images: int, proposal_count: int | None = None) -> dict:
                     proposals = [more_proposals(proposals[0], proposal_count, tuple(image.shape[-2:]), index)]
                 counts.append(len(proposals[0]))
             started = time.perf_counter()
-            network(image[None]) if proposals is None else network(image[None], proposals=proposals)
+            network(image[None], proposals=proposals)  # None: Faster R-CNN's RPN proposes
             network_s.append(time.perf_counter() - started)
     return {"run": str(run), "model": task.hparams.model.get("name"), "images": len(network_s),
             "proposal_s": float(np.mean(proposal_s)) if proposal_s else 0.0,

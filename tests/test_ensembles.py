@@ -10,13 +10,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
 
+from conftest import CVLAB, DIGITS_LT_COUNTS, QUIET
 from cvlab.data.balanced import BalancedDrawDataModule, balanced_draw, majority_classes, read_pool
 from cvlab.engine import build_datamodule, run_train
 from cvlab.engine.ensembles import (
@@ -31,10 +31,6 @@ from cvlab.utils.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CVLAB = [sys.executable, "-m", "cvlab.cli"]
-FAST = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
-# digits_lt's training counts (ρ = 50 on the 1,257 training digits of seed 42), classes 0..9.
-DIGITS_LT_COUNTS = [122, 78, 51, 33, 21, 13, 8, 5, 3, 2]
 # A tiny member: MobileNetV1 at a quarter width; batches of 32 hold a member's 20 images (no dropped last batch).
 TINY = ["data=digits_lt", "model=mobilenetv1", "model.width_mult=0.25", "data.batch_size=32", "optimizer=sgd"]
 
@@ -267,7 +263,7 @@ def cascade(tmp_path_factory):
     """`cvlab train data=digits_lt strategy=balance_cascade strategy.members=2` as typed, tiny budgets."""
     cwd = tmp_path_factory.mktemp("cascade")
     env = {**os.environ, "CVLAB_RUNS": str(cwd / "runs"), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*CVLAB, "train", "strategy=balance_cascade", "strategy.members=2", *FAST, *TINY],
+    result = subprocess.run([*CVLAB, "train", "strategy=balance_cascade", "strategy.members=2", *QUIET, *TINY],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (cwd / "runs" / "classification" / "mobilenetv1").iterdir()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from conftest import CVLAB, DIGITS_LT_COUNTS, QUIET
 from cvlab.data.classification import ClassificationDataModule
 from cvlab.data.imbalance import Resampler
 from cvlab.engine import build_datamodule, restore_task, run_train
@@ -33,10 +33,6 @@ from cvlab.utils.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CVLAB = [sys.executable, "-m", "cvlab.cli"]
-FAST = ["trainer=debug", "logger=none", "~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
-# digits_lt's training counts (ρ = 50 on the 1,257 training digits of seed 42), classes 0..9: 336 images.
-DIGITS_LT_COUNTS = [122, 78, 51, 33, 21, 13, 8, 5, 3, 2]
 # A small budget: ResNet-18 (its head: fc, 512 -> 10; MobileNetV1 on 8x8 digits gives every image one embedding
 # after two epochs) for two epochs of 11 batches, a whole epoch of digits_lt's 336 images, or 352 of pixel-space
 # SMOTE's 1,220; every evaluation sees the whole split, so the head stage's val score can be checked against its own.
@@ -132,7 +128,7 @@ def feature_run(tmp_path_factory):
     """`cvlab train data=digits_lt sampler=smote sampler.space=features` as typed, tiny budgets."""
     cwd = tmp_path_factory.mktemp("features")
     env = {**os.environ, "CVLAB_RUNS": str(cwd / "runs"), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*CVLAB, "train", *FEATURES, *FAST, *TINY], cwd=cwd, env=env, capture_output=True,
+    result = subprocess.run([*CVLAB, "train", *FEATURES, *QUIET, *TINY], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (cwd / "runs" / "classification" / "resnet18").iterdir()

@@ -13,10 +13,9 @@ import torch
 from imblearn.metrics import geometric_mean_score
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
+from conftest import DIGITS_LT_COUNTS
 from cvlab.metrics.classification import ClassRecalls, frequency_groups
 
-# data=digits_lt's training counts (seed 42, ρ = 50; tests/data/test_imbalance.py checks them).
-DIGITS_LT_COUNTS = [122, 78, 51, 33, 21, 13, 8, 5, 3, 2]
 DIGITS_LT_GROUPS = {"many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
 
 

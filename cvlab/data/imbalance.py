@@ -232,7 +232,10 @@ class Resampler:
             return ""
         key, fewer = _NEIGHBOURS_WITHIN_SMALLEST[self.method]
         counts = {int(label): int(count) for label, count in enumerate(np.bincount(self.labels)) if count}
-        resampled = self.sampling_strategy if isinstance(self.sampling_strategy, (dict, list)) else counts
+        # SMOTE interpolates within the classes its strategy names; NearMiss' neighbours are the minority's images
+        # whatever classes it undersamples.
+        named = fewer and isinstance(self.sampling_strategy, (dict, list))
+        resampled = self.sampling_strategy if named else counts
         smallest_class = min((label for label in resampled if label in counts), key=counts.get, default=None)
         if smallest_class is None:
             return ""  # imbalanced-learn says what is wrong with the strategy

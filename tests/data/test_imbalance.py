@@ -8,14 +8,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import DIGITS_LT_COUNTS
 from cvlab.data.classification import _STATS, ClassificationDataModule
 from cvlab.data.imbalance import Resampler, long_tail_counts, long_tail_indices
 from cvlab.data.mixing import CutMixImages, MixupImages, SamplePairingImages
 from cvlab.utils.errors import UserError
 
 DIGITS = {"source": "digits", "image_size": 8, "in_chans": 1, "seed": 42}
-# The digits training split (seed 42) holds at least 122 images of each class: the long tail's n_max.
-DIGITS_LT_COUNTS = [122, 78, 51, 33, 21, 13, 8, 5, 3, 2]
 
 
 def _setup(**kwargs) -> ClassificationDataModule:
