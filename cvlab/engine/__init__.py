@@ -17,7 +17,7 @@ from cvlab.engine.feature_resampling import run_feature_resampling  # registers 
 from cvlab.engine.profiling import LATENCY_THREADS, LATENCY_WARMUP, cpu_profile, describe_model
 from cvlab.engine.rcnn import run_rcnn  # registers the R-CNN pipeline that run_train runs for model=rcnn
 from cvlab.engine.runs import output_dir, quiet_lightning, run_guarded, say_run_dir, write_json
-from cvlab.engine.stages import Column, Stage, StageContext, StageResult, run_stages
+from cvlab.engine.stages import Column, Stage, StageContext, StageResult, refuse_resume, run_stages
 from cvlab.engine.study import CellFailed, cli_cell_runner, plan_study, run_study, study_directory
 from cvlab.engine.training import (
     PIPELINES,
@@ -42,8 +42,8 @@ __all__ = [
     "build_datamodule", "build_task", "build_trainer", "checkpoint_datamodule", "cpu_profile", "describe_model",
     "distillation", "evaluate", "evaluate_checkpoint", "finish_run", "inference_device", "instantiate_dict",
     "list_models", "model_task", "output_dir", "quiet_lightning", "quiet_trainer", "restore_for_inference",
-    "restore_task", "run_guarded", "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain", "tune_overrides",
-    "write_json",
+    "refuse_resume", "restore_task", "run_guarded", "run_stages", "run_train", "run_tune", "say_run_dir", "to_plain",
+    "tune_overrides", "write_json",
     "PIPELINES", "resamples_embeddings", "run_ensemble", "run_feature_resampling", "run_pipeline", "run_rcnn",
     # multi-stage methods of cvlab train (model=rcnn, strategy=easy_ensemble / balance_cascade, sampler.space=features)
     "CellFailed", "cli_cell_runner", "plan_study", "run_study", "study_directory",  # cvlab study

@@ -67,7 +67,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvlab.data.balanced import majority_classes
 from cvlab.engine.builders import build_datamodule, inference_device
 from cvlab.engine.runs import output_dir, quiet_lightning, say_run_dir, write_json
-from cvlab.engine.stages import Column, Stage, StageContext, run_stages
+from cvlab.engine.stages import Column, Stage, StageContext, refuse_resume, refuse_several_devices, run_stages
 from cvlab.engine.training import register_pipeline, run_train
 from cvlab.metrics.classification import frequency_groups, score_probabilities
 from cvlab.utils.console import class_recall_table, console
@@ -141,16 +141,11 @@ def check_strategy(cfg: DictConfig) -> EnsembleSettings:
     if sampler is not None and sampler.get("name", "none") != "none":
         raise UserError(f"strategy={method} gives every member its own balanced draw of the training images; "
                         f"sampler={sampler.get('name')} would resample them again. Leave sampler=none.")
-    if cfg.get("resume"):
-        raise UserError(f"strategy={method} resumes a killed run by running it again in the same run directory "
-                        "(hydra.run.dir=runs/classification/<model>/<time>), not with resume=.")
+    refuse_resume(cfg, f"strategy={method}", "runs/classification/<model>/<time>")
     if str(cfg.data.get("_target_")) != CLASSIFICATION_DATA:
         raise UserError(f"strategy={method} draws from classification data's training split; data={cfg.data.name} "
                         f"is read by {cfg.data.get('_target_')}.")
-    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
-    if str(devices) != "1" or nodes != 1:
-        raise UserError(f"strategy={method} trains its members one after another in one process; "
-                        f"trainer.devices={devices} would start several. Use trainer.devices=1 (trainer=default).")
+    refuse_several_devices(cfg, f"strategy={method}", "members", " (trainer=default)")
     return EnsembleSettings(method, int(members), None if fpr is None else float(fpr), budget)
 
 

@@ -51,7 +51,7 @@ from cvlab.data.imbalance import FEATURE_SETTINGS, Resampler, check_resampling, 
 from cvlab.engine.builders import build_datamodule, build_task, inference_device, quiet_trainer
 from cvlab.engine.checkpoints import restore_task
 from cvlab.engine.runs import output_dir, quiet_lightning, say_run_dir, write_json
-from cvlab.engine.stages import Column, Stage, StageContext, run_stages
+from cvlab.engine.stages import Column, Stage, StageContext, refuse_resume, refuse_several_devices, run_stages
 from cvlab.engine.training import (
     FEATURE_PIPELINE,
     evaluate,
@@ -238,13 +238,8 @@ def check_feature_resampling(cfg: DictConfig) -> FeatureSettings:
     if str(cfg.data.get("_target_")) != CLASSIFICATION_DATA:
         raise UserError(f"sampler={method} sampler.space=features resamples classification data's training split; "
                         f"data={cfg.data.name} is read by {cfg.data.get('_target_')}.")
-    if cfg.get("resume"):
-        raise UserError(f"sampler={method} sampler.space=features resumes a killed run by running it again in the "
-                        "same run directory (hydra.run.dir=runs/classification/<model>/<time>), not with resume=.")
-    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
-    if str(devices) != "1" or nodes != 1:
-        raise UserError(f"sampler={method} sampler.space=features trains its stages one after another in one "
-                        f"process; trainer.devices={devices} would start several. Use trainer.devices=1.")
+    refuse_resume(cfg, f"sampler={method} sampler.space=features", "runs/classification/<model>/<time>")
+    refuse_several_devices(cfg, f"sampler={method} sampler.space=features", "stages")
     encoder = sampler.get("encoder")
     return FeatureSettings({key: value for key, value in sampler.items() if key not in FEATURE_SETTINGS},
                            Path(encoder).expanduser() if encoder else None, int(sampler.get("head_epochs", 10)))

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvlab.data.regions import RegionDataModule, SplitBoxes
 from cvlab.engine.builders import build_datamodule, build_task, quiet_trainer
 from cvlab.engine.runs import output_dir, quiet_lightning, say_run_dir, write_json
-from cvlab.engine.stages import Column, Stage, StageContext, run_stages
+from cvlab.engine.stages import Column, Stage, StageContext, refuse_resume, run_stages
 from cvlab.engine.training import evaluate, finish_run, register_pipeline, run_train
 from cvlab.tasks.base import MODEL_META_KEYS, build_model, to_plain
 from cvlab.utils.config import read_option
@@ -416,9 +416,7 @@ def run_rcnn(cfg: DictConfig) -> tuple[dict, dict]:
 
     quiet_lightning()
     out = output_dir(cfg)
-    if cfg.get("resume"):
-        raise UserError("model=rcnn resumes a killed run by running it again in the same run directory "
-                        "(hydra.run.dir=runs/detection/rcnn/<time>), not with resume=.")
+    refuse_resume(cfg, "model=rcnn", "runs/detection/rcnn/<time>")
     pipeline = check_settings(to_plain(cfg.model.pipeline))
     RegionDataModule.check_sampler(to_plain(cfg.get("sampler")))
     seed = int(cfg.seed)

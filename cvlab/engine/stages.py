@@ -193,6 +193,26 @@ def _check(stages: Sequence[Stage]) -> None:
         seen.add(stage.name)
 
 
+def refuse_resume(cfg: DictConfig, method: str, run_dir: str) -> None:
+    """A pipeline of stages continues a killed run by running it again (finished stages are skipped), so
+    ``resume=`` is refused for ``method`` (how the user chose it), naming the run directory to give instead."""
+    from cvlab.utils.errors import UserError
+
+    if cfg.get("resume"):
+        raise UserError(f"{method} resumes a killed run by running it again in the same run directory "
+                        f"(hydra.run.dir={run_dir}), not with resume=.")
+
+
+def refuse_several_devices(cfg: DictConfig, method: str, parts: str, hint: str = "") -> None:
+    """A pipeline whose ``parts`` train one after another in one process cannot take a multi-process trainer."""
+    from cvlab.utils.errors import UserError
+
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if str(devices) != "1" or nodes != 1:
+        raise UserError(f"{method} trains its {parts} one after another in one process; trainer.devices={devices} "
+                        f"would start several. Use trainer.devices=1{hint}.")
+
+
 def run_stages(stages: Sequence[Stage], out_dir: Path, columns: Sequence[Column] = (), title: str = "stages",
                ) -> dict[str, StageResult]:
     """Runs ``stages`` in order in ``out_dir`` (see the module docstring), prints one table (a row per stage:

@@ -38,6 +38,7 @@ from cvlab.engine import (
     list_models,
     output_dir,
     quiet_lightning,
+    refuse_resume,
     resamples_embeddings,
     restore_task,
     run_guarded,
@@ -124,9 +125,7 @@ def run_distill(cfg: DictConfig) -> tuple[dict, dict]:
     whose output no later stage needed), "table": the rows})."""
     quiet_lightning()
     out = output_dir(cfg)
-    if cfg.get("resume"):
-        raise UserError("cvlab distill resumes a killed run by running it again in the same run directory "
-                        "(hydra.run.dir=runs/distillation/<pair>/<time>), not with resume=.")
+    refuse_resume(cfg, "cvlab distill", "runs/distillation/<pair>/<time>")
     if cfg.get("strategy") is not None and cfg.strategy.name != "none":
         raise UserError(f"strategy={cfg.strategy.name} is a method of cvlab train (an ensemble of members); cvlab "
                         "distill trains one teacher and one student. Leave strategy=none.")
