@@ -188,6 +188,8 @@ def test_fitness_weights_are_configurable_and_reach_the_logged_score(train_cfg):
 def test_mosaic_mixup_and_ema_default_to_the_models_recipe(model, mosaic, mixup, ema):
     cfg = compose("train", complete_task([f"model={model}"]))
     assert (cfg.data.mosaic, cfg.data.mixup, cfg.task.ema) == (mosaic, mixup, ema)
+    # YOLOv6's tools/train.py stops mosaic and mixup for the last 15 epochs (stop_aug_last_n_epoch); the others never.
+    assert cfg.data.close_mosaic == (15 if model.startswith("yolov6") else 0)
     given = compose("train", complete_task([f"model={model}", "data.mosaic=0.25", "task.ema=false"]))
     assert (given.data.mosaic, given.task.ema) == (0.25, False)
 
@@ -210,6 +212,7 @@ def test_recipe_modern_composes_mosaic_ema_cosine_and_ciou(train_cfg):
     modern = detection_cfg(train_cfg, "model=yolov3_tiny", "recipe=modern")
     assert (faithful.data.mosaic, faithful.task.ema, "box_loss" in faithful.loss) == (0.0, False, False)
     assert (modern.data.mosaic, modern.task.ema, modern.loss.box_loss) == (1.0, True, "ciou")
+    assert (faithful.data.close_mosaic, modern.data.close_mosaic) == (0, 10)  # Ultralytics' close_mosaic
     assert modern.scheduler.scheduler._target_ == "cvlab.utils.schedules.WarmupCosineLR"
     assert modern.scheduler.scheduler.warmup_fraction == 0.05 and modern.scheduler.interval == "step"
     assert (modern.recipe.name, modern.recipe.task) == ("modern", "detection")

@@ -672,7 +672,8 @@ class DetectionDataModule(SplitDataModule):
     and must match the names a COCO json or YOLO yaml gives. ``ann`` (COCO only) is the json to read, absolute or
     relative to ``root``. ``augment=False`` gives the training set the evaluation pipeline. ``mosaic`` and ``mixup``
     are the probabilities of :class:`~cvlab.data.wrappers.Mosaic` and :class:`~cvlab.data.wrappers.MixUp` (applied
-    in that order) in the training loader; ``train_set`` stays the split as read. ``sampler`` is offered
+    in that order) in the training loader; ``train_set`` stays the split as read. ``close_mosaic`` turns both off
+    for the last that many epochs of the trainer's ``max_epochs``. ``sampler`` is offered
     ``num_samples``, ``num_classes``, ``class_counts``, ``seed`` and ``image_labels`` (each training image's object
     classes: ``sampler=repeat_factor``); a sampler that draws images by one class label each is refused.
     :meth:`attach_proposals` adds selective-search proposals to every split's targets (for R-CNN and Fast R-CNN).
@@ -685,7 +686,8 @@ class DetectionDataModule(SplitDataModule):
     def __init__(self, source: str = "shapes_det", root: str | None = None, image_size: int = 64,
                  batch_size: int = 16, num_workers: int = 0, augment: bool = True, hflip: float = 0.5,
                  scale: Sequence[float] = (0.5, 1.5), translate: float = 0.1, color_jitter: float = 0.2,
-                 mosaic: float = 0.0, mixup: float = 0.0, seed: int = 0, train_size: int = 1000, val_size: int = 200,
+                 mosaic: float = 0.0, mixup: float = 0.0, close_mosaic: int = 0, seed: int = 0,
+                 train_size: int = 1000, val_size: int = 200,
                  test_size: int | None = None, n_objects: Sequence[int] = (1, 4), train_split: str | None = None,
                  val_split: str | None = None, test_split: str | None = None, val_fraction: float = 0.15,
                  test_fraction: float = 0.15, class_names: Sequence[str] | None = None, num_classes: int | None = None,
@@ -706,6 +708,8 @@ class DetectionDataModule(SplitDataModule):
         self.augmentation = {"hflip": hflip, "scale": tuple(scale), "translate": translate,
                              "color_jitter": color_jitter}
         self.mosaic, self.mixup = float(mosaic), float(mixup)
+        check_number("data.close_mosaic", close_mosaic, 0, integer=True)
+        self.close_mosaic = int(close_mosaic)
         self.sizes = (train_size, val_size, val_size if test_size is None else test_size)
         self.n_objects = tuple(n_objects)
         default_splits = {"coco": ("train2017", "val2017", "test2017")}.get(source, SPLITS)
@@ -890,8 +894,27 @@ class DetectionDataModule(SplitDataModule):
 
     def training_view(self) -> tuple[Dataset, bool]:
         dataset = self.train_set
+        if self.mosaic == 0 and self.mixup == 0:
+            return dataset, False
+        until = self._combining_until()
         if self.mosaic > 0:
-            dataset = Mosaic(dataset, self.mosaic, self.image_size, seed=self.seed)
+            dataset = Mosaic(dataset, self.mosaic, self.image_size, seed=self.seed, until_epoch=until)
         if self.mixup > 0:
-            dataset = MixUp(dataset, self.mixup, self.image_size, seed=self.seed)
-        return dataset, dataset is not self.train_set
+            dataset = MixUp(dataset, self.mixup, self.image_size, seed=self.seed, until_epoch=until)
+        return dataset, True
+
+    def _combining_until(self) -> int | None:
+        """The first epoch without mosaic and mixup by ``close_mosaic`` and the trainer's ``max_epochs``; None: all
+        use them."""
+        if self.close_mosaic == 0:
+            return None
+        epochs = self.trainer.max_epochs if self.trainer is not None else None
+        if epochs is None or epochs < 0:
+            raise UserError(f"data.close_mosaic={self.close_mosaic} counts epochs back from trainer.max_epochs, "
+                            "which this run leaves open; set trainer.max_epochs=N or data.close_mosaic=0")
+        until = max(epochs - self.close_mosaic, 0)
+        self.note(f"mosaic/mixup for epochs 1-{until} of {epochs}, then the plain images (data.close_mosaic="
+                  f"{self.close_mosaic})" if until else
+                  f"no epoch uses mosaic/mixup: data.close_mosaic={self.close_mosaic} covers all {epochs} epochs "
+                  "(set data.close_mosaic lower to use them)")
+        return until

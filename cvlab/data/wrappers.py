@@ -22,6 +22,9 @@ loader workers, see the same combined images.
   keeps ``r`` near 0.5 (standard deviation 0.06), so both images stay visible; a small ``alpha`` (the paper's 0.2 for
   classification) mostly shows one. Boxes carry no weight ``r``, since cvlab's detection losses take no per-box
   weights.
+- **The last epochs without them** (``until_epoch``): from that epoch on, every item is the wrapped dataset's own.
+  Training ends on images like the ones it is tested on (YOLOX's 15 ``no_aug_epochs``, YOLOv6's
+  ``stop_aug_last_n_epoch=15``, Ultralytics' ``close_mosaic=10``); the datamodule's ``close_mosaic`` sets it.
 
 Hand-written: torchvision's v2 transforms work on one image at a time (its MixUp/CutMix mix classification
 labels, not boxes).
@@ -56,11 +59,13 @@ def _fit_longer_side(image: Tensor, boxes: Tensor, size: int) -> tuple[Tensor, T
 class _MultiImage(DetectionDataset):
     """What the wrappers share: the wrapped dataset, the probability, the output size and the item's generator."""
 
-    def __init__(self, dataset: DetectionDataset, probability: float, size: int, seed: int):
+    def __init__(self, dataset: DetectionDataset, probability: float, size: int, seed: int,
+                 until_epoch: int | None = None):
         if not 0 <= probability <= 1:
             raise ValueError(f"probability must be in [0, 1], got {probability}")
         super().__init__(dataset.class_names, dataset.transforms)
         self.dataset, self.probability, self.size, self.seed = dataset, probability, size, seed
+        self.until_epoch = until_epoch
         self.problems = dataset.problems
 
     def __len__(self) -> int:
@@ -73,6 +78,12 @@ class _MultiImage(DetectionDataset):
         # The class name keeps a mosaic's and a mixup's draws for one item independent.
         return np.random.default_rng([self.seed, zlib.crc32(type(self).__name__.encode()), epoch, index])
 
+    def _combines(self, rng: np.random.Generator, epoch: int) -> bool:
+        """Whether this draw combines images: before ``until_epoch`` (if any), with probability ``probability``."""
+        if self.until_epoch is not None and epoch >= self.until_epoch:
+            return False
+        return rng.random() < self.probability
+
 
 class Mosaic(_MultiImage):
     """Four images on one ``size x size`` canvas around a random centre, with probability ``probability``
@@ -81,7 +92,7 @@ class Mosaic(_MultiImage):
 
     def load_at(self, index: int, epoch: int) -> Item:
         rng = self._generator(epoch, index)
-        if rng.random() >= self.probability:
+        if not self._combines(rng, epoch):
             return self.dataset.load_at(index, epoch)
         size = self.size
         others = rng.integers(len(self.dataset), size=3)
@@ -115,8 +126,8 @@ class MixUp(_MultiImage):
     Tensor[N1 + N2, 4], their labels, image_id)`` before the transforms, ``image_id`` being the item's own."""
 
     def __init__(self, dataset: DetectionDataset, probability: float, size: int, alpha: float = 32.0,
-                 seed: int = 0):
-        super().__init__(dataset, probability, size, seed)
+                 seed: int = 0, until_epoch: int | None = None):
+        super().__init__(dataset, probability, size, seed, until_epoch)
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         self.alpha = alpha
@@ -132,7 +143,7 @@ class MixUp(_MultiImage):
 
     def load_at(self, index: int, epoch: int) -> Item:
         rng = self._generator(epoch, index)
-        if rng.random() >= self.probability or len(self.dataset) < 2:
+        if not self._combines(rng, epoch) or len(self.dataset) < 2:
             return self.dataset.load_at(index, epoch)
         other = int(rng.integers(len(self.dataset) - 1))
         other += other >= index  # any item but this one: a blend with itself would double every box

@@ -26,9 +26,11 @@ from cvlab.utils.schedules import PLAN_KEYS
 
 # Keys of a model config that describe it rather than parameterise its constructor (adam_lr: the AdamW rate of the
 # model's own recipe, read by conf/optimizer/adamw.yaml; pipeline: the stages that train it, R-CNN's; epochs: its
-# default trainer.max_epochs, read by conf/trainer/default.yaml; ema, mosaic, mixup: its recipe's weight EMA and
-# multi-image augmentation, the defaults of task.ema (conf/task/detection.yaml) and data.mosaic / data.mixup).
-MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr", "pipeline", "epochs", "ema", "mosaic", "mixup")
+# default trainer.max_epochs, read by conf/trainer/default.yaml; ema, mosaic, mixup, close_mosaic: its recipe's
+# weight EMA and multi-image augmentation, the defaults of task.ema (conf/task/detection.yaml) and data.mosaic /
+# data.mixup / data.close_mosaic).
+MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr", "pipeline", "epochs", "ema", "mosaic", "mixup",
+                   "close_mosaic")
 # Keys of the trainer group that are cvlab's, not Lightning Trainer arguments: how a task runs its network
 # (:meth:`BaseTask.set_execution`). The engine's trainer builder leaves them out.
 EXECUTION_KEYS = ("compile", "channels_last")

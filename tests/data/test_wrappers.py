@@ -9,6 +9,7 @@ from cvlab.data.detection import DetectionDataModule
 from cvlab.data.samplers import EpochKeyedSampler, EpochShuffleSampler
 from cvlab.data.shapes import ShapesDetection, draw_scene
 from cvlab.data.wrappers import MixUp, Mosaic
+from cvlab.utils.errors import UserError
 
 SIZE = 64
 
@@ -167,3 +168,39 @@ def test_datamodule_applies_the_wrappers_to_its_training_loader_only():
     assert not torch.equal(batches(2, mosaic=1.0, mixup=0.5)[2][0], images)
     val_images, _ = next(iter(mixed.val_dataloader()))
     assert torch.equal(val_images, next(iter(plain.val_dataloader()))[0])
+
+
+@pytest.mark.parametrize("wrapper", [Mosaic, MixUp])
+def test_until_epoch_leaves_the_last_epochs_plain(scenes, wrapper):
+    closing = wrapper(scenes, 1.0, SIZE, seed=4, until_epoch=2)
+    always = wrapper(scenes, 1.0, SIZE, seed=4)
+    for epoch in range(4):
+        for index in (0, 5):
+            image, boxes, _, _ = closing.load_at(index, epoch)
+            own_image, own_boxes, _, _ = scenes.load(index)
+            plain = torch.equal(image, own_image) and torch.equal(boxes, own_boxes)
+            assert plain == (epoch >= 2)
+            if epoch < 2:  # before it, the same draws as without it
+                assert torch.equal(image, always.load_at(index, epoch)[0])
+
+
+def test_close_mosaic_counts_back_from_the_trainers_epochs(caplog):
+    from types import SimpleNamespace
+
+    def view(close_mosaic: int, max_epochs: int | None):
+        datamodule = DetectionDataModule("shapes_det", image_size=32, train_size=8, val_size=4, mosaic=1.0,
+                                         mixup=0.5, close_mosaic=close_mosaic)
+        datamodule.setup()
+        datamodule.trainer = SimpleNamespace(max_epochs=max_epochs)
+        return datamodule.training_view()[0]
+
+    with caplog.at_level("INFO"):
+        mixup = view(3, 10)
+        assert mixup.until_epoch == mixup.dataset.until_epoch == 7
+        assert "mosaic/mixup for epochs 1-7 of 10" in caplog.text
+        assert view(15, 10).until_epoch == 0 and "no epoch uses mosaic/mixup" in caplog.text
+    assert view(0, 10).until_epoch is None
+    with pytest.raises(UserError, match="data.close_mosaic=3 counts epochs back from trainer.max_epochs"):
+        view(3, -1)
+    with pytest.raises(UserError, match="data.close_mosaic"):
+        DetectionDataModule("shapes_det", close_mosaic=-1)
