@@ -562,21 +562,3 @@ def test_yolov3_tiny_overfits_two_images():
         # The best detection matches an object, and every object is found among the top detections.
         assert box_iou(det["boxes"][:1], image_boxes).max() > 0.5
         assert (box_iou(det["boxes"][: len(image_boxes)], image_boxes).amax(0) > 0.5).all()
-
-
-@pytest.mark.parametrize("name", ["yolov1_tiny", "yolov3_tiny", "yolov4_tiny", "yolov5n", "yolov6n", "yolov7_tiny"])
-def test_biases_and_norm_scales_train_without_weight_decay(name):
-    """Every YOLO's reference decays only its conv (and connected) weights: Darknet's update, YOLOv5-v7's train.py
-    and YOLOv6's optimiser leave the biases and BatchNorm weights at decay 0. The model names exactly those to the
-    task's optimiser (the ``no_weight_decay()`` hook), and no conv or linear weight among them."""
-    with torch.device("meta"):
-        model = create_model(name)
-    exempt = model.no_weight_decay()
-    biases = {f"{m}.bias" for m, module in model.named_modules() if getattr(module, "bias", None) is not None}
-    scales = {f"{m}.weight" for m, module in model.named_modules()
-              if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.LayerNorm)}
-    weights = {f"{m}.weight" for m, module in model.named_modules() if isinstance(module, nn.Conv2d | nn.Linear)}
-    implicit = {n for n in exempt if n.endswith(".implicit")}
-    assert bool(scales) == (name != "yolov1_tiny")  # YOLOv1 predates BatchNorm
-    assert biases and exempt - implicit == biases | scales
-    assert not exempt & weights and (bool(implicit) == (name == "yolov7_tiny"))

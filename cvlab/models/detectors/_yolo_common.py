@@ -100,14 +100,6 @@ class YoloDetector(nn.Module):
         boxes, scores = self.decode(raw, image_size)
         return self.postprocess(boxes, scores, image_size)
 
-    def no_weight_decay(self) -> set[str]:
-        """The names of the parameters the task's optimiser trains without weight decay (timm's hook): the biases
-        and the norm layers' scales, every parameter of one dimension. Each reference trains them so: Darknet's
-        update decays only the conv and connected weights; YOLOv5-v7's train.py and YOLOv6's optimiser put BatchNorm
-        weights and biases in groups of their own at decay 0. Decay on a BatchNorm scale shrinks a channel's output
-        for no gain in smoothness (the next BatchNorm undoes it)."""
-        return {name for name, parameter in self.named_parameters() if parameter.ndim <= 1}
-
     def fuse(self) -> None:
         """The deployed network, in place (eval mode; the fuse hook that ``cvlab export``, and ``cvlab eval`` and
         ``cvlab predict`` of a checkpoint, call): every part's own fuse hook, innermost first

@@ -235,11 +235,10 @@ class YOLOv7(AnchorYolo):
                 reset_to_pytorch_defaults(part)
 
     def no_weight_decay(self) -> set[str]:
-        """Every YOLO's biases and norm scales, and the implicit layers, which YOLOv7's train.py also trains without
-        weight decay (its ``pg0``): decay would pull ImplicitM's scales, started at 1, towards 0, and every head
-        output with them."""
-        implicit = {f"{name}.implicit" for name, module in self.named_modules() if isinstance(module, Implicit)}
-        return super().no_weight_decay() | implicit
+        """The implicit layers' parameter names, which the task's optimiser trains without weight decay (timm's
+        hook), as YOLOv7's train.py does (its ``pg0``): decay would pull ImplicitM's scales, started at 1, towards 0,
+        and every head output with them."""
+        return {f"{name}.implicit" for name, module in self.named_modules() if isinstance(module, Implicit)}
 
     def forward_raw(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Tensor[N, 3, H, W] → per level Tensor[N, A, H_l, W_l, 5 + C]: the lead head's levels, followed in
