@@ -410,6 +410,7 @@ def check(config_name: str, overrides: list[str]) -> Checked:
     cfg = _apply(base, key_lines)
     _check_complete(cfg)
     _check_augmentation(cfg, key_overrides)
+    _check_close_mosaic(cfg, key_overrides)
     _check_sample_pairing(cfg)
     check_settings(cfg)
     # Every other choice of a sweep, one sweep at a time, the others at their first choice.
@@ -461,6 +462,17 @@ def _check_augmentation(cfg, key_overrides) -> None:
         if group == "data" and leaf in AUGMENTATION_KEYS and not override.is_delete():
             raise UserError(f"data.{leaf} acts only with data.augment=true (data={_select(cfg, 'data.name')} has "
                             "it false).")
+
+
+def _check_close_mosaic(cfg, key_overrides) -> None:
+    """A ``data.close_mosaic`` the user gave, in a run with neither mosaic nor mixup, is refused: it would change
+    nothing (a model's own default, YOLOv6's 15, stays quiet)."""
+    given = [o for o in key_overrides if o.key_or_group in ("data.close_mosaic", "model.close_mosaic")
+             and not o.is_delete()]
+    if not given or not _select(cfg, "data.close_mosaic") or _select(cfg, "data.mosaic") or _select(cfg, "data.mixup"):
+        return
+    raise UserError(f"data.close_mosaic={_select(cfg, 'data.close_mosaic')} acts only with mosaic or mixup, and this "
+                    "run has data.mosaic=0 data.mixup=0; set one above 0 or leave data.close_mosaic out")
 
 
 def _check_sample_pairing(cfg) -> None:

@@ -563,7 +563,7 @@ def test_yolov7_tiny_learns_two_images():
 
     model = create_model("yolov7_tiny", num_classes=2, image_size=64, width=0.5,
                          norm_layer=lambda chs: nn.GroupNorm(8, chs)).train()
-    history = train_steps(model, images, targets, 60)
+    history = train_steps(model, images, targets, 100)
     # The dynamic k grows as the boxes improve, so the positives' mean losses fall less than YOLOv5's.
     assert history[0] / history[-1] > 2
 
