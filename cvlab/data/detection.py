@@ -615,7 +615,7 @@ _MAX_OBJECTS = 64  # shapes per drawn scene: beyond this they no longer fit a sc
 
 
 def _check_arguments(source: str, root, image_size, batch_size, num_workers, hflip, scale, translate, color_jitter,
-                     mosaic, mixup, sizes, n_objects, class_names, num_classes) -> None:
+                     mosaic, mixup, close_mosaic, sizes, n_objects, class_names, num_classes) -> None:
     """The datamodule's arguments, checked before anything is read (one line each, naming the data.* key)."""
     if source not in SOURCES:
         raise UserError(f"unknown detection data source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -623,6 +623,7 @@ def _check_arguments(source: str, root, image_size, batch_size, num_workers, hfl
     check_image_size("data.image_size", image_size)
     for key, probability in (("hflip", hflip), ("mosaic", mosaic), ("mixup", mixup)):
         check_probability(f"data.{key}", probability)
+    check_number("data.close_mosaic", close_mosaic, 0, integer=True)
     check_number("data.translate", translate, 0, 1)
     check_number("data.color_jitter", color_jitter, 0)
     check_min_max("data.scale", scale, "a [min, max] range of zoom factors, e.g. [0.75, 1.25]", 0, low_open=True)
@@ -694,7 +695,8 @@ class DetectionDataModule(SplitDataModule):
                  name: str | None = None, sampler: dict | None = None, ann: str | None = None,
                  max_image_pixels: int | None = None):
         _check_arguments(source, root, image_size, batch_size, num_workers, hflip, scale, translate, color_jitter,
-                         mosaic, mixup, (train_size, val_size, test_size), n_objects, class_names, num_classes)
+                         mosaic, mixup, close_mosaic, (train_size, val_size, test_size), n_objects, class_names,
+                         num_classes)
         if ann is not None and source != "coco":
             raise UserError(f"data.ann names a COCO json; data source {source!r} reads none, leave data.ann=null")
         if max_image_pixels is not None and (source == "shapes_det" or int(max_image_pixels) < 1):
@@ -708,7 +710,6 @@ class DetectionDataModule(SplitDataModule):
         self.augmentation = {"hflip": hflip, "scale": tuple(scale), "translate": translate,
                              "color_jitter": color_jitter}
         self.mosaic, self.mixup = float(mosaic), float(mixup)
-        check_number("data.close_mosaic", close_mosaic, 0, integer=True)
         self.close_mosaic = int(close_mosaic)
         self.sizes = (train_size, val_size, val_size if test_size is None else test_size)
         self.n_objects = tuple(n_objects)

@@ -467,8 +467,8 @@ def _check_augmentation(cfg, key_overrides) -> None:
 def _check_close_mosaic(cfg, key_overrides) -> None:
     """A ``data.close_mosaic`` the user gave, in a run with neither mosaic nor mixup, is refused: it would change
     nothing (a model's own default, YOLOv6's 15, stays quiet)."""
-    given = [o for o in key_overrides if o.key_or_group in ("data.close_mosaic", "model.close_mosaic")
-             and not o.is_delete()]
+    given = any(o.key_or_group in ("data.close_mosaic", "model.close_mosaic") and not o.is_delete()
+                for o in key_overrides)
     if not given or not _select(cfg, "data.close_mosaic") or _select(cfg, "data.mosaic") or _select(cfg, "data.mixup"):
         return
     raise UserError(f"data.close_mosaic={_select(cfg, 'data.close_mosaic')} acts only with mosaic or mixup, and this "

@@ -1,5 +1,7 @@
 """Mosaic and MixUp: boxes stay on their objects, probability 0 is the identity, every draw is seeded by
 (epoch, index), and the detection datamodule applies them to its training loader only."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -185,8 +187,6 @@ def test_until_epoch_leaves_the_last_epochs_plain(scenes, wrapper):
 
 
 def test_close_mosaic_counts_back_from_the_trainers_epochs(caplog):
-    from types import SimpleNamespace
-
     def view(close_mosaic: int, max_epochs: int | None):
         datamodule = DetectionDataModule("shapes_det", image_size=32, train_size=8, val_size=4, mosaic=1.0,
                                          mixup=0.5, close_mosaic=close_mosaic)
