@@ -217,8 +217,9 @@ def reference():
 
 def _assert_same(actual, expected):
     # Float32 rounding through Darknet-53's 75 convolutions differs with the CPU's kernels (AVX2 vs AVX-512 oneDNN
-    # paths) by a few 1e-6; a wrong weight mapping or layer order differs by O(1).
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    # paths): a few 1e-6 in eval mode, up to 2.2e-5 in train mode, whose batch statistics of two images amplify it
+    # (AMD EPYC, torch 2.14.1); a wrong weight mapping or layer order differs by O(1).
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", yolo_reference.MODELS)

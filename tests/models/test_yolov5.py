@@ -375,7 +375,9 @@ def test_yolov5n_overfits_two_images():
     images, boxes, targets = two_scenes(num_classes=2)
 
     model = create_model("yolov5n", num_classes=2, image_size=64, width=0.5).train()
-    history = train_steps(model, images, targets, 60)
+    # 100 steps: after 60 one of the two objects was not yet found on one CPU's float rounding (AMD EPYC, torch
+    # 2.14.1), from the same weights.
+    history = train_steps(model, images, targets, 100)
     assert history[0] / history[-1] > 5
 
     model.eval()
