@@ -141,6 +141,30 @@ def test_ema_settings_are_checked():
     assert DetectionSettings.from_dict(None).ema is False  # a checkpoint from before the setting: no EMA
 
 
+# ---------------------------------------------------------------------------------------------------- decay
+@pytest.mark.parametrize(("overrides", "exempt_1d"), [
+    (["model=yolov6n"], True),  # YOLOv6's optimiser: BatchNorm weights and biases at decay 0
+    (["model=yolov6n", "task.norm_bias_decay=true"], False),
+    (["model=yolov5n"], False),  # cvlab's AdamW 0.05 decays them (yolov7_tiny trained worse without: BENCHMARKS.md)
+    (["model=yolov5n", "task.norm_bias_decay=false"], True),
+])
+def test_norm_bias_decay_sets_the_one_dimensional_parameters_group(train_cfg, overrides, exempt_1d):
+    cfg = detection_cfg(train_cfg, *overrides)
+    task = build_task(cfg, build_datamodule(cfg))
+    groups = task.optimizer_param_groups()
+    one_dim = {id(p) for p in task.model.parameters() if p.ndim <= 1}
+    trainable = {id(p) for p in task.model.parameters()}
+    assert one_dim and trainable - one_dim  # both kinds exist
+    grouped = [{id(p) for p in group["params"]} for group in groups]
+    assert set().union(*grouped) == trainable and sum(map(len, grouped)) == len(trainable)  # the EMA copy in none
+    if exempt_1d:
+        assert (groups[1]["name"], groups[1]["weight_decay"], grouped[1]) == ("no_weight_decay", 0.0, one_dim)
+    else:
+        assert len(groups) == 1
+    with pytest.raises(UserError, match="task.norm_bias_decay is true or false"):
+        DetectionSettings.from_dict({"norm_bias_decay": "no"})
+
+
 # ---------------------------------------------------------------------------------------------------- fitness
 def test_fitness_is_ultralytics_weighting_and_prefers_tighter_boxes():
     loose = {"map": 0.58, "map_50": 0.965, "map_75": 0.6, "mar_100": 0.7}  # the issue's epoch 18

@@ -30,7 +30,7 @@ from cvlab.utils.schedules import PLAN_KEYS
 # weight EMA and multi-image augmentation, the defaults of task.ema (conf/task/detection.yaml) and data.mosaic /
 # data.mixup / data.close_mosaic).
 MODEL_META_KEYS = ("name", "task", "multiscale", "adam_lr", "pipeline", "epochs", "ema", "mosaic", "mixup",
-                   "close_mosaic")
+                   "close_mosaic", "norm_bias_decay")
 # Keys of the trainer group that are cvlab's, not Lightning Trainer arguments: how a task runs its network
 # (:meth:`BaseTask.set_execution`). The engine's trainer builder leaves them out.
 EXECUTION_KEYS = ("compile", "channels_last")
@@ -264,20 +264,27 @@ class BaseTask(pl.LightningModule):
             self._network_compiled = True
 
     # ------------------------------------------------------------------------------------------ optimisation
-    def optimizer_param_groups(self) -> list[dict[str, Any]]:
-        """The optimiser's param groups: every parameter in the first, at the optimizer option's settings, except the
-        model's ``no_weight_decay()`` names (timm's hook: a set of the model's parameter names), which go in a second
-        group, ``no_weight_decay``, at weight decay 0 (YOLOv7's implicit layers, as its train.py's ``pg0``)."""
+    def no_weight_decay_names(self) -> set[str]:
+        """The task's parameter names the optimiser trains at weight decay 0: the model's ``no_weight_decay()``
+        names (timm's hook: a set of the model's parameter names; YOLOv7's implicit layers, as its train.py's
+        ``pg0``). A task may add its own."""
         hook = getattr(self.model, "no_weight_decay", None)
-        exempt = {f"model.{name}" for name in hook()} if hook is not None else set()
+        return {f"model.{name}" for name in hook()} if hook is not None else set()
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's param groups: every trainable parameter in the first, at the optimizer option's settings,
+        except :meth:`no_weight_decay_names`, which go in a second group, ``no_weight_decay``, at weight decay 0.
+        Parameters that take no gradient (a weight EMA's copy, a frozen teacher) are in neither."""
+        exempt = self.no_weight_decay_names()
         named = dict(self.named_parameters())
         unknown = sorted(exempt - set(named))
         if unknown:
             raise ValueError(f"{type(self.model).__name__}.no_weight_decay() names parameters it has not: {unknown}")
-        groups = [{"params": [p for name, p in named.items() if name not in exempt]}]
-        if exempt:
-            groups.append({"name": "no_weight_decay", "params": [named[name] for name in sorted(exempt)],
-                           "weight_decay": 0.0})
+        trainable = {name: p for name, p in named.items() if p.requires_grad}
+        groups = [{"params": [p for name, p in trainable.items() if name not in exempt]}]
+        if exempt & set(trainable):
+            groups.append({"name": "no_weight_decay", "params": [trainable[name] for name in sorted(exempt)
+                                                                 if name in trainable], "weight_decay": 0.0})
         return groups
 
     def configure_optimizers(self) -> Any:

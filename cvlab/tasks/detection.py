@@ -9,12 +9,16 @@ replay it. The sizes are the paper's for a ``base`` (416 px) input and scale wit
 Settings that depend on the data are resolved here before the model is built: ``model.anchors=auto`` becomes the
 k-means anchors of the training boxes (:mod:`cvlab.tasks.anchors`), stored as such in the checkpoint.
 
-The ``task`` node (conf/task/detection.yaml, :class:`DetectionSettings`) adds two training settings:
+The ``task`` node (conf/task/detection.yaml, :class:`DetectionSettings`) adds three training settings:
 
 - ``ema``: a weight EMA (:class:`~cvlab.tasks.ema.WeightEMA`, YOLOv5's decay 0.9999 ramped over 2000 updates),
   updated after every optimiser step. Validation, test, predict and export run the EMA (:attr:`inference_model`),
   so the best checkpoint is the best EMA, which it holds (``ema.module.*``) beside the live weights a resume
   continues from. Default: the model's (``model.ema``: YOLOv5 / v6 / v7 train with one), else off.
+- ``norm_bias_decay``: whether the optimiser's weight decay reaches the network's one-dimensional parameters (biases,
+  norm scales and shifts). Off, they train in the ``no_weight_decay`` group at decay 0, as YOLOv6's optimiser (and
+  Darknet's, YOLOv5's and YOLOv7's) trains them. Default: the model's (``model.norm_bias_decay``: off for YOLOv6),
+  else on: under cvlab's AdamW at 0.05 turning it off helped yolov6n and cost yolov7_tiny (BENCHMARKS.md).
 - ``fitness``: ``val/fitness``, the score the best checkpoint is chosen by, a weighted sum of the COCO figures;
   Ultralytics' ``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (:func:`~cvlab.metrics.detection.fitness`), so the
   tightness of the boxes counts and not only their hits at IoU 0.5.
@@ -57,14 +61,17 @@ class DetectionSettings:
     ema: bool = False
     ema_decay: float = 0.9999
     ema_tau: float = 2000.0
+    norm_bias_decay: bool = True
     fitness: dict = field(default_factory=lambda: dict(FITNESS_WEIGHTS))
 
     @classmethod
     def from_dict(cls, task: dict | None) -> "DetectionSettings":
         task = task or {}
-        settings = cls(**{key: task[key] for key in ("ema", "ema_decay", "ema_tau", "fitness") if key in task})
-        if not isinstance(settings.ema, bool):
-            raise UserError(f"task.ema is true or false, got {settings.ema!r}.")
+        settings = cls(**{key: task[key] for key in ("ema", "ema_decay", "ema_tau", "norm_bias_decay", "fitness")
+                          if key in task})
+        for key in ("ema", "norm_bias_decay"):
+            if not isinstance(getattr(settings, key), bool):
+                raise UserError(f"task.{key} is true or false, got {getattr(settings, key)!r}.")
         check_number("task.ema_decay", settings.ema_decay, 0, 1, high_open=True, hint=" (YOLOv5's 0.9999)")
         check_number("task.ema_tau", settings.ema_tau, 0, low_open=True,
                      hint=" (the decay's ramp in optimiser steps, YOLOv5's 2000)")
@@ -129,6 +136,14 @@ class DetectionTask(BaseTask):
             raise UserError(f"task.ema averages the weights of a detector trained by gradient steps; "
                             f"model={self.hparams.model['name']} is trained in stages. Drop task.ema=true.")
         return WeightEMA(self.model, self.settings.ema_decay, self.settings.ema_tau)
+
+    def no_weight_decay_names(self) -> set[str]:
+        """The model's own exemptions, and with ``task.norm_bias_decay=false`` every one-dimensional parameter of
+        the network (biases, norm scales and shifts)."""
+        names = super().no_weight_decay_names()
+        if not self.settings.norm_bias_decay:
+            names |= {f"model.{name}" for name, parameter in self.model.named_parameters() if parameter.ndim <= 1}
+        return names
 
     @property
     def inference_model(self) -> nn.Module:
