@@ -4,11 +4,14 @@ A thin layer over ``torchmetrics.detection.MeanAveragePrecision`` (which runs th
 ``pycocotools``, or of ``faster_coco_eval`` when that is installed — the two backends torchmetrics 1.9 knows)
 that names classes and flattens the result. Boxes are absolute xyxy, as everywhere in cvlab.
 
-The precision-recall curves are not computed by hand: with ``extended_summary=True`` torchmetrics exposes
-COCOeval's accumulated ``precision`` array ``[T, R, K, A, M]`` (IoU thresholds x 101 recall points x classes x
-area ranges x max-detections). :meth:`DetectionMeanAP.pr_curves` slices it at one IoU, area "all" and the
-largest max-detections. That precision is COCO's interpolated one (the best precision at any recall >= r)
-and is 0 at recall points the detector never reaches.
+The per-class figures and precision-recall curves are not computed by hand: with ``extended_summary=True``
+torchmetrics exposes COCOeval's accumulated ``precision`` array ``[T, R, K, A, M]`` (IoU thresholds x 101 recall
+points x classes x area ranges x max-detections). A class's AP@[.5:.95] is the mean of its slice (area "all", the
+largest max-detections) over the entries COCOeval filled (> -1), as COCOeval's summarize takes it; that is
+torchmetrics' ``class_metrics`` figure, which it gets by evaluating the whole data again once per class (4 COCOeval
+runs for 3 classes, 81 for COCO's 80), so it stays off. :meth:`DetectionMeanAP.pr_curves` slices the array at one
+IoU. That precision is COCO's interpolated one (the best precision at any recall >= r) and is 0 at recall points
+the detector never reaches.
 
 :func:`fitness` is one number to choose a checkpoint by: a weighted sum of the summary figures, Ultralytics'
 ``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (YOLOv5's ``utils/metrics.py`` ``fitness``, Ultralytics'
@@ -50,7 +53,7 @@ class DetectionMeanAP(MeanAveragePrecision):
     """
 
     def __init__(self, class_names: Sequence[str], backend: str | None = None, **kwargs):
-        super().__init__(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
+        super().__init__(box_format="xyxy", iou_type="bbox", class_metrics=False, extended_summary=True,
                          backend=backend or default_backend(), **kwargs)
         self.class_names = tuple(class_names)
         self._raw: dict | None = None
@@ -63,8 +66,13 @@ class DetectionMeanAP(MeanAveragePrecision):
     def compute(self) -> dict:
         raw = super().compute()
         self._raw = raw
-        ap_per_class = {self._name(int(c)): float(ap) for c, ap in zip(raw["classes"], raw["map_per_class"])
-                        if float(ap) >= 0}
+        ap_per_class = {}
+        if "precision" in raw:  # something was evaluated
+            for k, label in enumerate(raw["classes"]):
+                filled = raw["precision"][:, :, k, 0, -1]  # [T, R] of area "all", most detections
+                filled = filled[filled > -1]
+                if len(filled):  # the class has ground truth
+                    ap_per_class[self._name(int(label))] = float(filled.double().mean())
         # COCO's AP at one IoU is the mean of its 101-point interpolated precision curve.
         ap50_per_class = {name: float(curve["precision"].mean()) for name, curve in self._curves(raw, 0.5).items()}
         return {"map": float(raw["map"]), "map_50": float(raw["map_50"]), "map_75": float(raw["map_75"]),
