@@ -13,13 +13,15 @@ runs for 3 classes, 81 for COCO's 80), so it stays off. :meth:`DetectionMeanAP.p
 IoU. That precision is COCO's interpolated one (the best precision at any recall >= r) and is 0 at recall points
 the detector never reaches.
 
-:func:`fitness` is one number to choose a checkpoint by: a weighted sum of the summary figures, Ultralytics'
-``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (YOLOv5's ``utils/metrics.py`` ``fitness``, Ultralytics'
-``Metric.fitness``; their precision and recall weigh 0).
+:func:`fitness` is one number to choose a checkpoint by: a weighted sum of the summary figures,
+``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (YOLOv5's ``utils/metrics.py`` ``fitness``, and Ultralytics'
+``Metric.fitness`` until 8.3; their precision and recall weigh 0; Ultralytics 8.4 weighs mAP@[.5:.95] alone,
+``task.fitness.map_50=0 task.fitness.map=1``).
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -28,10 +30,13 @@ from torchmetrics.detection import MeanAveragePrecision
 # The summary figures of DetectionMeanAP.compute(), logged as <split>/<key>.
 SUMMARY_KEYS = ("map", "map_50", "map_75", "mar_100")
 FITNESS_WEIGHTS = {"map_50": 0.1, "map": 0.9}
+# faster_coco_eval logs each evaluation's summary table at INFO, which a run's logging (Hydra's, at INFO) would print
+# at every validation; pycocotools prints it too, and torchmetrics silences that.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 
 def fitness(scores: Mapping[str, float], weights: Mapping[str, float] = FITNESS_WEIGHTS) -> float:
-    """``Σ weights[k] · scores[k]`` over the summary figures ``weights`` names (default: Ultralytics' fitness)."""
+    """``Σ weights[k] · scores[k]`` over the summary figures ``weights`` names (default: YOLOv5's fitness)."""
     return float(sum(weight * scores[key] for key, weight in weights.items()))
 
 

@@ -20,7 +20,7 @@ The ``task`` node (conf/task/detection.yaml, :class:`DetectionSettings`) adds th
   Darknet's, YOLOv5's and YOLOv7's) trains them. Default: the model's (``model.norm_bias_decay``: off for YOLOv6),
   else on: under cvlab's AdamW at 0.05 turning it off helped yolov6n and cost yolov7_tiny (BENCHMARKS.md).
 - ``fitness``: ``val/fitness``, the score the best checkpoint is chosen by, a weighted sum of the COCO figures;
-  Ultralytics' ``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (:func:`~cvlab.metrics.detection.fitness`), so the
+  YOLOv5's ``0.1·mAP@0.5 + 0.9·mAP@[.5:.95]`` by default (:func:`~cvlab.metrics.detection.fitness`), so the
   tightness of the boxes counts and not only their hits at IoU 0.5.
 
 `cvlab eval` and `cvlab predict` of a checkpoint run its inference model fused (:attr:`DetectionTask.fused_inference`:
