@@ -138,6 +138,8 @@ def test_ema_settings_are_checked():
         DetectionSettings.from_dict({"ema_tau": 0})
     with pytest.raises(UserError, match="task.ema is true or false"):
         DetectionSettings.from_dict({"ema": 1})
+    with pytest.raises(UserError, match="task.norm_bias_decay is true or false"):
+        DetectionSettings.from_dict({"norm_bias_decay": "no"})
     assert DetectionSettings.from_dict(None).ema is False  # a checkpoint from before the setting: no EMA
 
 
@@ -161,8 +163,6 @@ def test_norm_bias_decay_sets_the_one_dimensional_parameters_group(train_cfg, ov
         assert (groups[1]["name"], groups[1]["weight_decay"], grouped[1]) == ("no_weight_decay", 0.0, one_dim)
     else:
         assert len(groups) == 1
-    with pytest.raises(UserError, match="task.norm_bias_decay is true or false"):
-        DetectionSettings.from_dict({"norm_bias_decay": "no"})
 
 
 # ---------------------------------------------------------------------------------------------------- fitness

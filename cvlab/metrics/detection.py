@@ -71,17 +71,20 @@ class DetectionMeanAP(MeanAveragePrecision):
     def compute(self) -> dict:
         raw = super().compute()
         self._raw = raw
-        ap_per_class = {}
-        if "precision" in raw:  # something was evaluated
-            for k, label in enumerate(raw["classes"]):
-                filled = raw["precision"][:, :, k, 0, -1]  # [T, R] of area "all", most detections
-                filled = filled[filled > -1]
-                if len(filled):  # the class has ground truth
-                    ap_per_class[self._name(int(label))] = float(filled.double().mean())
+        ap_per_class = {name: float(slice_.double().mean()) for name, slice_ in self._class_precision(raw).items()}
         # COCO's AP at one IoU is the mean of its 101-point interpolated precision curve.
         ap50_per_class = {name: float(curve["precision"].mean()) for name, curve in self._curves(raw, 0.5).items()}
         return {"map": float(raw["map"]), "map_50": float(raw["map_50"]), "map_75": float(raw["map_75"]),
                 "mar_100": float(raw["mar_100"]), "ap_per_class": ap_per_class, "ap50_per_class": ap50_per_class}
+
+    def _class_precision(self, raw: dict) -> dict:
+        """``{class name: Tensor[T, R]}``: COCOeval's precision of each class with ground truth, area "all", the most
+        detections. COCOeval fills a class's whole slice when it has ground truth and leaves it -1 otherwise."""
+        if "precision" not in raw:  # nothing was evaluated
+            return {}
+        precision = raw["precision"][..., 0, -1]  # [T, R, K]
+        return {self._name(int(c)): precision[..., k] for k, c in enumerate(raw["classes"])
+                if bool((precision[..., k] > -1).all())}
 
     def pr_curves(self, iou: float = 0.5) -> dict[str, dict[str, np.ndarray]]:
         """``{class name: {"recall": float[R], "precision": float[R]}}`` at IoU threshold ``iou``, for the
@@ -90,12 +93,9 @@ class DetectionMeanAP(MeanAveragePrecision):
         return self._curves(self._raw, iou)
 
     def _curves(self, raw: dict, iou: float) -> dict[str, dict[str, np.ndarray]]:
-        if "precision" not in raw:  # nothing was evaluated
-            return {}
         matches = np.flatnonzero(np.isclose(self.iou_thresholds, iou))
         if len(matches) == 0:
             raise ValueError(f"IoU {iou} is not among the evaluated thresholds {self.iou_thresholds}")
-        precision = raw["precision"][int(matches[0]), :, :, 0, -1]  # [R, K]: area "all", most detections
         recall = np.asarray(self.rec_thresholds, dtype=np.float64)
-        return {self._name(int(c)): {"recall": recall, "precision": precision[:, k].double().numpy()}
-                for k, c in enumerate(raw["classes"]) if bool((precision[:, k] >= 0).all())}
+        return {name: {"recall": recall, "precision": precision[int(matches[0])].double().numpy()}
+                for name, precision in self._class_precision(raw).items()}

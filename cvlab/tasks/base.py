@@ -282,9 +282,9 @@ class BaseTask(pl.LightningModule):
             raise ValueError(f"{type(self.model).__name__}.no_weight_decay() names parameters it has not: {unknown}")
         trainable = {name: p for name, p in named.items() if p.requires_grad}
         groups = [{"params": [p for name, p in trainable.items() if name not in exempt]}]
-        if exempt & set(trainable):
-            groups.append({"name": "no_weight_decay", "params": [trainable[name] for name in sorted(exempt)
-                                                                 if name in trainable], "weight_decay": 0.0})
+        if exempt_trainable := sorted(exempt & trainable.keys()):
+            groups.append({"name": "no_weight_decay", "params": [trainable[name] for name in exempt_trainable],
+                           "weight_decay": 0.0})
         return groups
 
     def configure_optimizers(self) -> Any:
