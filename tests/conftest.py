@@ -1,4 +1,5 @@
-"""Shared fixtures: compose a train config in-process with a temporary run directory, and run the real CLI."""
+"""Shared fixtures: compose a train config in-process with a temporary run directory, and run the real CLI, through a
+new interpreter (``cli``) or in this one (``cli_here``)."""
 from __future__ import annotations
 
 import os
@@ -57,5 +58,33 @@ def cli(tmp_path):
         env = {**os.environ, "CVLAB_RUNS": str((cwd or tmp_path) / "runs"), "COLUMNS": "200"}
         return subprocess.run([*CVLAB, *args], cwd=cwd or tmp_path, env=env, capture_output=True, text=True,
                               timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def cli_here(tmp_path, monkeypatch, capfd):
+    """Runs `cvlab ARGS` in this process, as typed (the Typer app, Hydra and its run directory), in ``cwd`` (default
+    tmp_path) with runs under ``cwd/runs``; returns a CompletedProcess like ``cli``'s. It skips a new interpreter's
+    ~4 s of imports, which is most of a refusal test's time; ``cli`` stays for what only a new process shows (start-up,
+    exit codes the interpreter sets)."""
+    from cvlab.cli import app
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        where = cwd or tmp_path
+        monkeypatch.chdir(where)
+        monkeypatch.setenv("CVLAB_RUNS", str(where / "runs"))
+        monkeypatch.setenv("COLUMNS", "200")
+        monkeypatch.setattr(sys, "argv", ["cvlab", *args])
+        capfd.readouterr()
+        try:
+            app(list(args))
+        except SystemExit as exit_info:
+            code = exit_info.code
+        else:  # Typer's standalone mode always ends in SystemExit; reaching here would be a bug in the fixture
+            raise AssertionError(f"cvlab {' '.join(args)} returned without an exit code")
+        out, err = capfd.readouterr()
+        code = 0 if code is None else code if isinstance(code, int) else 1
+        return subprocess.CompletedProcess(["cvlab", *args], code, out, err)
 
     return run

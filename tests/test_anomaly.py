@@ -245,8 +245,8 @@ def test_malformed_normal_classes_are_refused_before_anything_is_read(normal, ca
     assert line is not None and "data.normal_classes" in line
 
 
-def test_a_bad_normal_class_through_the_real_command_is_one_line_exit_2(cli):
-    result = cli("train", "task=anomaly", "data.normal_classes=[12]", "logger=none")
+def test_a_bad_normal_class_through_the_real_command_is_one_line_exit_2(cli_here):
+    result = cli_here("train", "task=anomaly", "data.normal_classes=[12]", "logger=none")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "there is no class 12" in lines[0] and "Traceback" not in result.stdout + result.stderr

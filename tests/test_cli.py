@@ -25,54 +25,67 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["train", "model=resnt50"], "unknown model option 'resnt50'. Did you mean resnet50"),
-        (["train", "optimizer.lrr=0.1"], "unknown key 'optimizer.lrr': torch.optim.AdamW takes no argument 'lrr'. "
-                                         "Did you mean optimizer.lr"),
-        (["train", "trainer.max_epochs=abc"], "trainer.max_epochs expects an integer or null, got 'abc'"),
-        (["train", "optimizer.lr=fast"], "optimizer.lr expects a number, got 'fast'"),
-        (["sweep", "optimizer=sgd,adm"], "unknown optimizer option 'adm'. Did you mean adam"),
-        (["train", "norm=batchnorm"], "unknown norm option 'batchnorm'"),
-        (["train", "modle=resnet50"], "unknown key 'modle'. Did you mean model"),
-        (["eval", "ckpt=missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
-        (["eval"], "eval needs a checkpoint"),
-        (["train", "resume=missing.ckpt", "trainer=debug"], "resume checkpoint 'missing.ckpt' does not exist"),
-        (["list", "modle"], "unknown group 'modle'. Did you mean model"),
-        (["info", "model=resnet5"], "Did you mean resnet50"),
-        (["train", "task=detection", "model=resnet18"],
-         "model 'resnet18' is a classification model; task=detection takes one of fast_rcnn, faster_rcnn, rcnn"),
-        (["train", "model=yolov3_tiny", "loss=ce"], "loss=ce is a classification loss; task=detection cannot use it"),
-        (["eval", "ckpt=README.md", "split=train"], "split is one of val, test, got 'train'"),
-        # Values are range-checked before anything is built (each printed a traceback before).
-        (["train", "optimizer.lr=-1"], "optimizer.lr must be a number > 0, got -1."),
-        (["train", "data.batch_size=0"], "data.batch_size must be an integer in [1, 65536], got 0."),
-        (["train", "data.val_fraction=1.5"], "data.val_fraction=1.5 and data.test_fraction=0.15: each must be above 0"),
-        (["info", "data.image_size=0"], "data.image_size must be an integer in [1, 4096], got 0."),
-        (["train", "data.in_chans=3"], "data.in_chans=3 but digits images have 1 channel; leave data.in_chans=1."),
-        (["predict", "ckpt=x.ckpt", "source=.", "top_k=0"], "top_k must be an integer >= 1, got 0."),
-        pytest.param(["predict", "ckpt=x.ckpt", "source=.", "device=cuda"],
-                     "device=cuda but torch sees no CUDA GPU on this machine; use device=cpu",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-        (["train", "paths.runs=/proc/cvlab-runs"], "paths.runs=/proc/cvlab-runs is not writable"),
-        (["train", "paths.runs=x.ckpt/runs"], "paths.runs=x.ckpt/runs cannot be a folder"),
-        # Settings that were silently ignored, and a Trainer argument misspelt.
-        (["info", "model=resnet18", "data.num_classes=1000"],
-         "digits: data.num_classes=1000 but the data has 10 classes"),
-        (["train", "data.root=/tmp"], "data.root does not apply to data=digits (it is embedded"),
-        (["train", "trainer.max_stepz=2"], "takes no argument 'max_stepz'. Did you mean trainer.max_steps"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_no_run_dir(cli, tmp_path, args, expected):
-    (tmp_path / "x.ckpt").write_bytes(b"")  # a checkpoint path that exists, for predict's value checks
-    result = cli(*args)
+BAD_INPUT = [
+    (["train", "model=resnt50"], "unknown model option 'resnt50'. Did you mean resnet50"),
+    (["train", "optimizer.lrr=0.1"], "unknown key 'optimizer.lrr': torch.optim.AdamW takes no argument 'lrr'. "
+                                     "Did you mean optimizer.lr"),
+    (["train", "trainer.max_epochs=abc"], "trainer.max_epochs expects an integer or null, got 'abc'"),
+    (["train", "optimizer.lr=fast"], "optimizer.lr expects a number, got 'fast'"),
+    (["sweep", "optimizer=sgd,adm"], "unknown optimizer option 'adm'. Did you mean adam"),
+    (["train", "norm=batchnorm"], "unknown norm option 'batchnorm'"),
+    (["train", "modle=resnet50"], "unknown key 'modle'. Did you mean model"),
+    (["eval", "ckpt=missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+    (["eval"], "eval needs a checkpoint"),
+    (["train", "resume=missing.ckpt", "trainer=debug"], "resume checkpoint 'missing.ckpt' does not exist"),
+    (["list", "modle"], "unknown group 'modle'. Did you mean model"),
+    (["info", "model=resnet5"], "Did you mean resnet50"),
+    (["train", "task=detection", "model=resnet18"],
+     "model 'resnet18' is a classification model; task=detection takes one of fast_rcnn, faster_rcnn, rcnn"),
+    (["train", "model=yolov3_tiny", "loss=ce"], "loss=ce is a classification loss; task=detection cannot use it"),
+    (["eval", "ckpt=README.md", "split=train"], "split is one of val, test, got 'train'"),
+    # Values are range-checked before anything is built (each printed a traceback before).
+    (["train", "optimizer.lr=-1"], "optimizer.lr must be a number > 0, got -1."),
+    (["train", "data.batch_size=0"], "data.batch_size must be an integer in [1, 65536], got 0."),
+    (["train", "data.val_fraction=1.5"], "data.val_fraction=1.5 and data.test_fraction=0.15: each must be above 0"),
+    (["info", "data.image_size=0"], "data.image_size must be an integer in [1, 4096], got 0."),
+    (["train", "data.in_chans=3"], "data.in_chans=3 but digits images have 1 channel; leave data.in_chans=1."),
+    (["predict", "ckpt=x.ckpt", "source=.", "top_k=0"], "top_k must be an integer >= 1, got 0."),
+    pytest.param(["predict", "ckpt=x.ckpt", "source=.", "device=cuda"],
+                 "device=cuda but torch sees no CUDA GPU on this machine; use device=cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["train", "paths.runs=/proc/cvlab-runs"], "paths.runs=/proc/cvlab-runs is not writable"),
+    (["train", "paths.runs=x.ckpt/runs"], "paths.runs=x.ckpt/runs cannot be a folder"),
+    # Settings that were silently ignored, and a Trainer argument misspelt.
+    (["info", "model=resnet18", "data.num_classes=1000"],
+     "digits: data.num_classes=1000 but the data has 10 classes"),
+    (["train", "data.root=/tmp"], "data.root does not apply to data=digits (it is embedded"),
+    (["train", "trainer.max_stepz=2"], "takes no argument 'max_stepz'. Did you mean trainer.max_steps"),
+]
+# A few of them again through a new interpreter, as a user types them: the one line must survive what only a real
+# process adds (its start-up, Hydra's own argv handling, the exit code the interpreter returns).
+REAL_COMMAND = {"model=resnt50", "eval", "trainer.max_epochs=abc", "data.in_chans=3"}
+
+
+def _assert_one_line_refusal(result, tmp_path, expected):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1, result.stderr
     assert error_lines[0].startswith("error: ")
     assert expected in error_lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_no_run_dir(cli_here, tmp_path, args, expected):
+    (tmp_path / "x.ckpt").write_bytes(b"")  # a checkpoint path that exists, for predict's value checks
+    _assert_one_line_refusal(cli_here(*args), tmp_path, expected)
+
+
+@pytest.mark.parametrize(("args", "expected"), [case for case in BAD_INPUT  # plain cases (a pytest.param has marks)
+                                                if not hasattr(case, "marks") and case[0][-1] in REAL_COMMAND])
+def test_bad_input_through_a_new_interpreter_is_one_line_exit_2_no_run_dir(cli, tmp_path, args, expected):
+    _assert_one_line_refusal(cli(*args), tmp_path, expected)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
     leftovers = [p for p in (tmp_path / "runs").rglob("*") if p.is_dir()] if (tmp_path / "runs").exists() else []
     assert not any(p.parent.name == "resnet18" for p in leftovers), leftovers

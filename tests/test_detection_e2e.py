@@ -120,8 +120,8 @@ def test_anchor_box_sizes_are_measured_at_the_letterboxed_size(coco_root):
     torch.testing.assert_close(box_sizes(dataset, 64), expected)
 
 
-def test_cli_anchors_prints_k_anchors_fitting_at_least_as_well_as_the_defaults(cli):
-    result = cli("anchors", "data.image_size=64", "data.train_size=64")
+def test_cli_anchors_prints_k_anchors_fitting_at_least_as_well_as_the_defaults(cli_here):
+    result = cli_here("anchors", "data.image_size=64", "data.train_size=64")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = re.findall(r"│\s+(\d+) │\s+([\d.]+) x ([\d.]+) │\s+([\d.]+) x ([\d.]+) │", result.stdout)
     assert [int(r[0]) for r in rows] == list(range(9))  # yolov3: nine anchors

@@ -221,13 +221,13 @@ def test_cvlab_distill_refuses_a_strategy(tmp_path):
         run_distill(cfg)
 
 
-def test_cli_lists_the_strategies_and_refuses_a_bad_one_in_one_line(cli):
-    listed = cli("list", "strategy")
+def test_cli_lists_the_strategies_and_refuses_a_bad_one_in_one_line(cli_here):
+    listed = cli_here("list", "strategy")
     assert listed.returncode == 0, listed.stderr
     for option, words in (("none", "One model"), ("easy_ensemble", "EasyEnsemble (Liu, Wu & Zhou 2009)"),
                           ("balance_cascade", "imbalanced-learn removed it in 0.6")):
         assert f" {option} " in listed.stdout and words in listed.stdout.replace("\n", " ")
-    refused = cli("train", "strategy=easy_ensemble", "strategy.fpr=0.5")  # fpr is BalanceCascade's alone
+    refused = cli_here("train", "strategy=easy_ensemble", "strategy.fpr=0.5")  # fpr is BalanceCascade's alone
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "strategy.fpr" in refused.stderr
 
 

@@ -222,10 +222,10 @@ def test_a_long_fuzz_run_is_one_line_exit_2(capsys):
 # A handful through the real command (a wrong option, a misspelt nested key, a wrong type, bad grammar, unicode, a
 # predict value): the same one line, and no run directory left.
 @pytest.mark.parametrize("index", [0, 1, 2, 7, 8, 11])
-def test_generated_cases_through_the_real_cli(cli, tmp_path, index):
+def test_generated_cases_through_the_real_cli(cli_here, tmp_path, index):
     command, overrides = generate(SEED, CASES)[index]
     (tmp_path / "x.ckpt").write_bytes(b"")  # predict's ckpt= must exist before its values are checked
-    result = cli(command, *overrides)
+    result = cli_here(command, *overrides)
     assert result.returncode == 2, (overrides, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), (overrides, result.stderr)

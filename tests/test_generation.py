@@ -386,8 +386,8 @@ def test_the_cli_fills_in_the_generation_task_and_refuses_groups_it_does_not_rea
            in " ".join(capsys.readouterr().err.split())
 
 
-def test_cvlab_generate_needs_a_checkpoint(cli):
-    result = cli("generate", "n=4")
+def test_cvlab_generate_needs_a_checkpoint(cli_here):
+    result = cli_here("generate", "n=4")
     assert result.returncode == 2
     assert "generate needs a checkpoint: cvlab generate ckpt=" in result.stderr
 

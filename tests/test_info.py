@@ -23,8 +23,8 @@ def test_info_resnet50_at_imagenet_size_matches_torchvision_exactly():
     assert shapes["layer4"] == "2048x7x7" and shapes["fc"] == "1000"
 
 
-def test_info_on_the_embedded_default_uses_the_small_stem(cli):
-    result = cli("info", "model=resnet18")
+def test_info_on_the_embedded_default_uses_the_small_stem(cli_here):
+    result = cli_here("info", "model=resnet18")
     assert result.returncode == 0, result.stderr
     assert "11,172,810 parameters" in result.stdout  # 1 input channel, 10 classes, 3x3 stem
     assert "1x8x8" in result.stdout

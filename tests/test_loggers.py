@@ -16,18 +16,6 @@ LOGGED = [*(o for o in FAST if not o.startswith("logger=")), "model=mobilenetv1"
           "trainer.max_epochs=2"]
 
 
-def run_cvlab(args, cwd, monkeypatch) -> int:
-    """``cvlab ARGS`` in this process, as typed, in ``cwd`` with runs under ``cwd/runs``; its exit code."""
-    from cvlab.cli import app
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setenv("CVLAB_RUNS", str(cwd / "runs"))
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    with pytest.raises(SystemExit) as exit_info:
-        app(list(args))
-    return exit_info.value.code
-
-
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A run with ``logger=[csv,tensorboard,mlflow]`` and runs under ``<tmp>/runs``: (the tmp folder, run directory,
@@ -91,12 +79,10 @@ def test_a_missing_mlflow_names_the_extra(train_cfg, monkeypatch):
     assert str(refused.value) == "logger=mlflow needs the mlflow package: pip install 'cvlab[mlflow]'"
 
 
-def test_a_missing_mlflow_is_one_line_exit_2(tmp_path, monkeypatch, capfd):
+def test_a_missing_mlflow_is_one_line_exit_2(tmp_path, monkeypatch, cli_here):
     monkeypatch.setitem(sys.modules, "mlflow", None)
-    capfd.readouterr()
-    code = run_cvlab(["train", "logger=mlflow", *LOGGED], tmp_path, monkeypatch)
-    out, err = capfd.readouterr()
-    assert code == 2
-    assert [line for line in err.splitlines() if line.strip()] == [
+    result = cli_here("train", "logger=mlflow", *LOGGED)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
         "error: logger=mlflow needs the mlflow package: pip install 'cvlab[mlflow]'"]
-    assert "Traceback" not in out + err and not (tmp_path / "runs" / "classification").exists()
+    assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "runs" / "classification").exists()

@@ -121,29 +121,14 @@ def _commands(path, tmp_path):
     }
 
 
-def run_cvlab(args, tmp_path, monkeypatch, capfd) -> tuple[int, str, str]:
-    """``cvlab ARGS`` in this process (the CLI, Hydra and its run directory, as typed; without a new interpreter's
-    start-up): (exit code, stdout, stderr)."""
-    from cvlab.cli import app
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CVLAB_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        app(list(args))
-    out, err = capfd.readouterr()
-    return exit_info.value.code, out, err
-
-
 def _folders(root) -> set:
     return {path for path in root.rglob("*") if path.is_dir()}
 
 
 @pytest.mark.parametrize("command", ["eval", "predict", "distill", "train"])
 @pytest.mark.parametrize("hostile", list(HOSTILE))
-def test_a_hostile_file_is_one_line_exit_2_runs_nothing_and_leaves_no_run_dir(genuine, traps, tmp_path, monkeypatch,
-                                                                               capfd, hostile, command):
+def test_a_hostile_file_is_one_line_exit_2_runs_nothing_and_leaves_no_run_dir(genuine, traps, tmp_path, cli_here,
+                                                                               hostile, command):
     created, kept = traps
     expected, make = HOSTILE[hostile]
     path = tmp_path / "files" / f"{hostile.replace(' ', '-')}.ckpt"
@@ -151,9 +136,10 @@ def test_a_hostile_file_is_one_line_exit_2_runs_nothing_and_leaves_no_run_dir(ge
     make(genuine["classification"][0], path, created, kept)
     what, args = _commands(path, tmp_path)[command]
     folders = _folders(tmp_path)
-    code, out, err = run_cvlab(args, tmp_path, monkeypatch, capfd)
+    result = cli_here(*args)
+    out, err = result.stdout, result.stderr
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err[-3000:]
+    assert result.returncode == 2, err[-3000:]
     assert len(lines) == 1 and "Traceback" not in out + err, err[-3000:]
     assert expected in lines[0] and f"{what} {str(path)!r}" in lines[0], lines[0]
     assert not created.exists() and kept.read_text() == UNTOUCHED  # nothing in the file ran
@@ -186,12 +172,11 @@ def test_a_legacy_task_name_maps_only_by_the_exact_name_of_a_registered_class(ge
 
 
 @pytest.mark.parametrize("task", ["classification", "detection", "distillation"])
-def test_genuine_checkpoints_of_every_task_evaluate_to_their_training_figures(genuine, tmp_path, monkeypatch, capfd,
-                                                                              task):
+def test_genuine_checkpoints_of_every_task_evaluate_to_their_training_figures(genuine, cli_here, task):
     ckpt, metrics = genuine[task]
     before = set(ckpt.parent.parent.glob("eval/*/eval.json"))
-    code, _, err = run_cvlab(["eval", f"ckpt={ckpt}", "trainer=debug"], tmp_path, monkeypatch, capfd)
-    assert code == 0, err[-3000:]
+    result = cli_here("eval", f"ckpt={ckpt}", "trainer=debug")
+    assert result.returncode == 0, result.stderr[-3000:]
     (eval_json,) = set(ckpt.parent.parent.glob("eval/*/eval.json")) - before
     scores = json.loads(eval_json.read_text())
     test_keys = [key for key in metrics if key.startswith("test/")]

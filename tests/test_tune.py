@@ -183,8 +183,8 @@ def test_the_pruning_callback_needs_its_metric():
     (["optimizer.lr=interval(1e-3,0.1)", "tune.sampler=bayes"],
      "tune.sampler is one of tpe, random, grid, cmaes; got 'bayes'."),
 ])
-def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, expected):
-    result = cli("tune", *args)
+def test_bad_input_is_one_line_exit_2(cli_here, tmp_path, args, expected):
+    result = cli_here("tune", *args)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
