@@ -398,8 +398,17 @@ def smoke(
 ) -> None:
     """Every registered model runs a few training and validation steps on tiny embedded data; a table says which
     passed."""
+    from cvlab.engine import list_models
     from cvlab.run.smoke import run_smoke
+    from cvlab.utils.config import suggest
+    from cvlab.utils.console import fail
 
+    known = list_models()
+    for name in models or []:  # before any model runs: a misspelt name would fail deep inside, with a traceback
+        if name not in known:
+            fail(f"unknown model {name!r}.{suggest(name, known)} `cvlab list model` shows them all.")
+    if steps < 1:
+        fail(f"--steps must be an integer >= 1, got {steps}.")
     failed = run_smoke(models or None, steps)
     raise typer.Exit(1 if failed else 0)
 
