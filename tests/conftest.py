@@ -2,6 +2,7 @@
 new interpreter (``cli``) or in this one (``cli_here``)."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -62,6 +63,29 @@ def cli(tmp_path):
     return run
 
 
+def _all_loggers() -> list[logging.Logger]:
+    return [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict.values()
+                                   if isinstance(logger, logging.Logger))]
+
+
+def _logging_state() -> dict:
+    return {logger: (list(logger.handlers), logger.level, logger.propagate, logger.disabled)
+            for logger in _all_loggers()}
+
+
+def _restore_logging(saved: dict) -> None:
+    """Undoes what a run did to logging: Hydra's job logging points handlers at this test's captured streams, which
+    are closed after it, so a later test's log record would print a 'Logging error' into its output."""
+    for logger in _all_loggers():
+        handlers = saved[logger][0] if logger in saved else []  # a logger the run created keeps its level
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        if logger in saved:
+            logger.level, logger.propagate, logger.disabled = saved[logger][1:]
+
+
 @pytest.fixture
 def cli_here(tmp_path, monkeypatch, capfd):
     """Runs `cvlab ARGS` in this process, as typed (the Typer app, Hydra and its run directory), in ``cwd`` (default
@@ -77,12 +101,15 @@ def cli_here(tmp_path, monkeypatch, capfd):
         monkeypatch.setenv("COLUMNS", "200")
         monkeypatch.setattr(sys, "argv", ["cvlab", *args])
         capfd.readouterr()
+        saved = _logging_state()
         try:
             app(list(args))
         except SystemExit as exit_info:
             code = exit_info.code
         else:  # Typer's standalone mode always ends in SystemExit; reaching here would be a bug in the fixture
             raise AssertionError(f"cvlab {' '.join(args)} returned without an exit code")
+        finally:
+            _restore_logging(saved)
         out, err = capfd.readouterr()
         code = 0 if code is None else code if isinstance(code, int) else 1
         return subprocess.CompletedProcess(["cvlab", *args], code, out, err)
