@@ -398,17 +398,18 @@ def smoke(
 ) -> None:
     """Every registered model runs a few training and validation steps on tiny embedded data; a table says which
     passed."""
-    from cvlab.engine import list_models
+    from cvlab.engine import model_task
     from cvlab.run.smoke import run_smoke
-    from cvlab.utils.config import suggest
     from cvlab.utils.console import fail
+    from cvlab.utils.errors import UserError
+    from cvlab.utils.validate import check_number
 
-    known = list_models()
-    for name in models or []:  # before any model runs: a misspelt name would fail deep inside, with a traceback
-        if name not in known:
-            fail(f"unknown model {name!r}.{suggest(name, known)} `cvlab list model` shows them all.")
-    if steps < 1:
-        fail(f"--steps must be an integer >= 1, got {steps}.")
+    try:  # before any model runs: a misspelt name would fail deep inside, with a traceback
+        for name in models or []:
+            model_task(name)
+        check_number("--steps", steps, 1, integer=True)
+    except UserError as error:
+        fail(str(error))
     failed = run_smoke(models or None, steps)
     raise typer.Exit(1 if failed else 0)
 

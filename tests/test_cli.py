@@ -86,9 +86,6 @@ def test_bad_input_is_one_line_exit_2_no_run_dir(cli_here, tmp_path, args, expec
                                                 if not hasattr(case, "marks") and case[0][-1] in REAL_COMMAND])
 def test_bad_input_through_a_new_interpreter_is_one_line_exit_2_no_run_dir(cli, tmp_path, args, expected):
     _assert_one_line_refusal(cli(*args), tmp_path, expected)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
-    leftovers = [p for p in (tmp_path / "runs").rglob("*") if p.is_dir()] if (tmp_path / "runs").exists() else []
-    assert not any(p.parent.name == "resnet18" for p in leftovers), leftovers
 
 
 def test_data_errors_leave_no_run_directory(cli, tmp_path):
